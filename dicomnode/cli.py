@@ -1,0 +1,303 @@
+"""The ``dicomnode`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import logging.config
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload
+
+from dicomnode.errors import ConfigError, DicomNodeError
+from dicomnode.settings import Settings, embedded_settings, load_settings
+from storage.db import make_engine, upgrade_schema
+from storage.models import CompletionEvent, QuarantineRecord, Study
+
+__all__ = ["EXIT", "main"]
+
+EXIT = {"ok": 0, "failure": 1, "usage": 2, "config": 3, "unreachable": 4}
+DEFAULT_CONFIG = Path("/etc/dicomnode/dicomnode.yaml")
+
+logger = logging.getLogger("dicomnode")
+
+
+def _setup_logging(level: str) -> None:
+    logging.config.dictConfig(
+        {
+            "version": 1,
+            "disable_existing_loggers": False,
+            "formatters": {
+                "plain": {"format": "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"}
+            },
+            "handlers": {
+                "stderr": {"class": "logging.StreamHandler", "formatter": "plain"},
+            },
+            "root": {"level": level, "handlers": ["stderr"]},
+            "loggers": {"pynetdicom": {"level": "WARNING"}},
+        }
+    )
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    if getattr(args, "config", None):
+        return load_settings(Path(args.config))
+    if getattr(args, "data", None):
+        return embedded_settings(Path(args.data), port=getattr(args, "port", None) or 11112)
+    if DEFAULT_CONFIG.exists():
+        return load_settings(DEFAULT_CONFIG)
+    return embedded_settings(Path("dicomnode-data"), port=getattr(args, "port", None) or 11112)
+
+
+def _add_source(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--config", "-c", help=f"configuration file (default {DEFAULT_CONFIG})")
+    g.add_argument(
+        "--data",
+        help="run the embedded default with all state under this folder (SQLite, local storage)",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicomnode", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the node: C-STORE SCP, watched folders, completion")
+    _add_source(p)
+    p.add_argument("--port", type=int, help="listen on this port (overrides the config)")
+
+    p = sub.add_parser("config", help="configuration tools")
+    csub = p.add_subparsers(dest="config_command", required=True)
+    c = csub.add_parser("check", help="validate a configuration file")
+    c.add_argument("file")
+
+    p = sub.add_parser("studies", help="list studies in the index")
+    _add_source(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("quarantine", help="list quarantined input with reasons")
+    _add_source(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("echo", help="C-ECHO a registered node or HOST:PORT")
+    _add_source(p)
+    p.add_argument("target", help="a name from the nodes registry, or HOST:PORT")
+    p.add_argument("--ae", help="called AE title for HOST:PORT (default ANY-SCP)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds")
+
+    p = sub.add_parser("db", help="index database")
+    dsub = p.add_subparsers(dest="db_command", required=True)
+    d = dsub.add_parser("upgrade", help="apply migrations")
+    _add_source(d)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"dicomnode: {exc}", file=sys.stderr)
+        return EXIT["config"]
+    except DicomNodeError as exc:
+        print(f"dicomnode: {exc}", file=sys.stderr)
+        return EXIT["failure"]
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "config":
+        settings = load_settings(Path(args.file))
+        counts = f"{len(settings.watch)} watch folder(s), {len(settings.nodes)} node(s)"
+        print(f"{args.file}: OK ({counts})")
+        return EXIT["ok"]
+    settings = _settings(args)
+    if args.command == "serve":
+        if args.port is not None:
+            settings = settings.model_copy(
+                update={"node": settings.node.model_copy(update={"port": args.port})}
+            )
+        return _serve(settings)
+    if args.command == "studies":
+        return _studies(settings, args.json)
+    if args.command == "quarantine":
+        return _quarantine(settings, args.json)
+    if args.command == "echo":
+        return _echo(settings, args.target, args.ae, args.timeout)
+    if args.command == "db":
+        engine = make_engine(settings.database.url)
+        upgrade_schema(engine)
+        print("index schema is up to date")
+        return EXIT["ok"]
+    return EXIT["usage"]
+
+
+def _serve(settings: Settings) -> int:
+    from dicomnode.service import Node
+
+    _setup_logging(settings.logging.level)
+    node = Node(settings)
+    try:
+        node.start()
+    except OSError as exc:
+        logger.error(
+            "cannot start: %s (is node.port %d in use or the storage root writable?)",
+            exc,
+            settings.node.port,
+        )
+        return EXIT["failure"]
+    node.install_signal_handlers()
+    node.wait()
+    return EXIT["ok"]
+
+
+def _open_index(settings: Settings) -> Any:
+    engine = make_engine(settings.database.url)
+    upgrade_schema(engine)
+    return engine
+
+
+def study_rows(session: Session) -> list[dict[str, Any]]:
+    """Every study as a dict (the ``studies --json`` format)."""
+    studies = session.scalars(
+        select(Study)
+        .options(selectinload(Study.series), selectinload(Study.completions))
+        .order_by(Study.first_received_at)
+    ).all()
+    out = []
+    for st in studies:
+        last: CompletionEvent | None = st.completions[-1] if st.completions else None
+        out.append(
+            {
+                "study_instance_uid": st.study_instance_uid,
+                "patient_id": st.patient_id,
+                "patient_name": st.patient_name,
+                "accession_number": st.accession_number,
+                "study_date": st.study_date,
+                "study_description": st.study_description,
+                "state": st.state,
+                "version": st.version,
+                "instances": st.instances,
+                "size_bytes": st.size_bytes,
+                "duplicates": st.duplicates,
+                "first_received_at": st.first_received_at.isoformat() + "Z",
+                "last_received_at": st.last_received_at.isoformat() + "Z",
+                "completed_at": st.completed_at.isoformat() + "Z" if st.completed_at else None,
+                "completion_reason": last.reason if last and st.completed_at else None,
+                "completions": len(st.completions),
+                "series": [
+                    {
+                        "series_instance_uid": se.series_instance_uid,
+                        "modality": se.modality,
+                        "series_number": se.series_number,
+                        "series_description": se.series_description,
+                        "body_part_examined": se.body_part_examined,
+                        "sop_class_uid": se.sop_class_uid,
+                        "instances": se.instances,
+                        "size_bytes": se.size_bytes,
+                        "source": (
+                            {"folder": se.source_folder}
+                            if se.source_kind == "folder"
+                            else {
+                                "calling_ae": se.calling_ae,
+                                "called_ae": se.called_ae,
+                                "peer_address": se.peer_address,
+                            }
+                        ),
+                    }
+                    for se in st.series
+                ],
+            }
+        )
+    return out
+
+
+def _studies(settings: Settings, as_json: bool) -> int:
+    engine = _open_index(settings)
+    with Session(engine) as session:
+        rows = study_rows(session)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return EXIT["ok"]
+    if not rows:
+        print("no studies")
+        return EXIT["ok"]
+    for st in rows:
+        print(
+            f"{st['study_instance_uid']}  patient {st['patient_id'] or '-'}  "
+            f"{st['study_date'] or '-'}  "
+            f"{st['state']} (v{st['version']})  {st['instances']} instances"
+        )
+        for se in st["series"]:
+            print(
+                f"    {se['modality'] or '--':<4} #{se['series_number'] or '-':<4} "
+                f"{se['instances']:>5}  {se['series_description'] or ''}  "
+                f"[{se['series_instance_uid']}]"
+            )
+    return EXIT["ok"]
+
+
+def _quarantine(settings: Settings, as_json: bool) -> int:
+    engine = _open_index(settings)
+    with Session(engine) as session:
+        records = session.scalars(select(QuarantineRecord).order_by(QuarantineRecord.id)).all()
+        rows = [
+            {
+                "path": r.path,
+                "reason": r.reason,
+                "source": r.source,
+                "size_bytes": r.size_bytes,
+                "received_at": r.received_at.isoformat() + "Z",
+            }
+            for r in records
+        ]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print("quarantine is empty")
+    else:
+        for r in rows:
+            print(f"{r['received_at']}  {r['source']}  {r['reason']}\n    {r['path']}")
+    return EXIT["ok"]
+
+
+def _echo(settings: Settings, target: str, ae: str | None, timeout: float) -> int:
+    from pynetdicom import AE
+
+    if target in settings.nodes:
+        remote = settings.nodes[target]
+        host, port, called = remote.host, remote.port, remote.ae_title
+    else:
+        host, sep, port_text = target.rpartition(":")
+        if not sep or not port_text.isdigit():
+            print(
+                f"dicomnode: {target!r} is neither a node in the registry "
+                f"({', '.join(settings.nodes) or 'none registered'}) nor HOST:PORT",
+                file=sys.stderr,
+            )
+            return EXIT["usage"]
+        port, called = int(port_text), ae or "ANY-SCP"
+    client = AE(ae_title=settings.node.ae_title)
+    client.add_requested_context("1.2.840.10008.1.1")
+    client.acse_timeout = client.network_timeout = client.dimse_timeout = timeout
+    assoc = client.associate(host, port, ae_title=called)
+    if not assoc.is_established:
+        why = "rejected" if assoc.is_rejected else "no answer"
+        print(f"C-ECHO {called}@{host}:{port}: association failed ({why})", file=sys.stderr)
+        return EXIT["unreachable"]
+    status = assoc.send_c_echo()
+    assoc.release()
+    code = getattr(status, "Status", None)
+    if code == 0x0000:
+        print(f"C-ECHO {called}@{host}:{port}: success")
+        return EXIT["ok"]
+    print(f"C-ECHO {called}@{host}:{port}: failed (status {code!r})", file=sys.stderr)
+    return EXIT["failure"]
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""The error tree of dicomnode: one root, a subtree per area."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "DicomNodeError",
+    "IngestError",
+    "QuarantinedError",
+    "StorageError",
+]
+
+
+class DicomNodeError(Exception):
+    """Root of every error dicomnode raises on purpose."""
+
+
+class ConfigError(DicomNodeError):
+    """The configuration file is missing, unreadable or invalid.
+
+    ``problems`` holds one line per problem, each naming file, line, field and a fix.
+    """
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or []
+
+    def __str__(self) -> str:
+        if not self.problems:
+            return super().__str__()
+        return "\n".join([super().__str__(), *("  " + p for p in self.problems)])
+
+
+class StorageError(DicomNodeError):
+    """The file store or the index could not keep an instance (disk, database)."""
+
+
+class IngestError(DicomNodeError):
+    """An instance could not be accepted."""
+
+
+class QuarantinedError(IngestError):
+    """The input was unreadable or rejected and has been moved to quarantine.
+
+    ``reason`` says why; ``path`` is where the quarantined copy lies.
+    """
+
+    def __init__(self, reason: str, path: str) -> None:
+        super().__init__(f"quarantined: {reason} ({path})")
+        self.reason = reason
+        self.path = path

@@ -1,0 +1,544 @@
+"""The one ingest path shared by the C-STORE SCP and the watched folder.
+
+An instance is parsed only far enough to index it (the header up to group 0x0028, never pixel
+data), written durably under the storage root, and its index row committed. Only then does the
+caller acknowledge it. Unreadable input goes to quarantine with a reason.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import struct
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset, read_preamble
+from pydicom.tag import BaseTag
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
+from sqlalchemy import Engine, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+
+from dicomnode.errors import QuarantinedError, StorageError
+from storage.db import utcnow
+from storage.filestore import FileStore
+from storage.models import Instance, QuarantineRecord, Series, Study, StudyState
+
+__all__ = ["IMPLEMENTATION_CLASS_UID", "IngestResult", "Ingestor", "Source"]
+
+logger = logging.getLogger(__name__)
+
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1475.1"
+IMPLEMENTATION_VERSION = "DICOMNODE_010"
+_MAX_HEADER_TAG = 0x0029_0000  # everything routing needs lies before group 0x0029
+
+_STUDY_FIELDS = {
+    "patient_id": ("PatientID", 64),
+    "patient_name": ("PatientName", 324),
+    "patient_birth_date": ("PatientBirthDate", 8),
+    "patient_sex": ("PatientSex", 16),
+    "accession_number": ("AccessionNumber", 64),
+    "study_id": ("StudyID", 16),
+    "study_date": ("StudyDate", 8),
+    "study_time": ("StudyTime", 16),
+    "study_description": ("StudyDescription", 64),
+    "referring_physician_name": ("ReferringPhysicianName", 324),
+    "institution_name": ("InstitutionName", 64),
+}
+_SERIES_FIELDS = {
+    "modality": ("Modality", 16),
+    "series_description": ("SeriesDescription", 64),
+    "body_part_examined": ("BodyPartExamined", 64),
+    "protocol_name": ("ProtocolName", 64),
+    "manufacturer": ("Manufacturer", 64),
+    "station_name": ("StationName", 16),
+    "frame_of_reference_uid": ("FrameOfReferenceUID", 64),
+}
+# Extra attributes kept per series for routing rules.
+_SERIES_EXTRA = (
+    "ImageType",
+    "SeriesDate",
+    "SeriesTime",
+    "ManufacturerModelName",
+    "SliceThickness",
+    "ContrastBolusAgent",
+    "ScanningSequence",
+    "SequenceName",
+    "MagneticFieldStrength",
+    "ReferencedStudySequence",
+    "InstitutionalDepartmentName",
+    "PerformedProcedureStepDescription",
+    "ImageOrientationPatient",
+    "Rows",
+    "Columns",
+)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where an instance came from: a DICOM association or a watched folder."""
+
+    kind: str  # "dicom" or "folder"
+    calling_ae: str | None = None
+    called_ae: str | None = None
+    peer_address: str | None = None
+    folder: str | None = None
+
+    def describe(self) -> str:
+        if self.kind == "folder":
+            return f"folder {self.folder}"
+        return f"{self.calling_ae}@{self.peer_address} -> {self.called_ae}"
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What happened to one instance."""
+
+    duplicate: bool
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    size_bytes: int
+    path: str
+
+
+@dataclass
+class _Header:
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class: str
+    study: dict[str, Any]
+    series: dict[str, Any]
+    extra: dict[str, Any]
+    instance_number: int | None
+    series_number: int | None
+
+
+def _stop_after_header(tag: BaseTag, _vr: str | None, _length: int) -> bool:
+    return int(tag) >= _MAX_HEADER_TAG
+
+
+def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
+    """A header value as bounded text; undecodable values fall back to their raw bytes."""
+    try:
+        elem = ds[keyword]
+    except KeyError:
+        return None
+    except Exception:  # a value that cannot even be converted (bad VR/length)
+        return None
+    try:
+        value = elem.value
+        if value is None or value == "":
+            return None
+        if isinstance(value, (bytes, bytearray)):
+            text = bytes(value).decode("latin-1")
+        elif isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+            text = "\\".join(str(v) for v in value)
+        else:
+            text = str(value)
+    except Exception:
+        raw = getattr(elem, "value", b"")
+        text = raw.decode("latin-1") if isinstance(raw, bytes) else repr(raw)
+    text = text.replace("\x00", "").strip()
+    return text[:limit] or None
+
+
+def _extra(ds: Dataset) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for kw in _SERIES_EXTRA:
+        if kw == "ReferencedStudySequence":
+            continue
+        text = _text(ds, kw, 256)
+        if text is not None:
+            out[kw] = text
+    return out
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    text = _text(ds, keyword, 16)
+    if text is None:
+        return None
+    try:
+        return int(float(text))
+    except ValueError:
+        return None
+
+
+def _header_from(ds: Dataset, reason_prefix: str) -> _Header:
+    uids = {}
+    for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+        value = _text(ds, kw, 1000)
+        if not value:
+            raise ValueError(f"{reason_prefix}missing {kw}")
+        if len(value) > 64:
+            raise ValueError(f"{reason_prefix}{kw} is longer than 64 characters")
+        uids[kw] = value
+    return _Header(
+        study_uid=uids["StudyInstanceUID"],
+        series_uid=uids["SeriesInstanceUID"],
+        sop_uid=uids["SOPInstanceUID"],
+        sop_class=uids["SOPClassUID"],
+        study={k: _text(ds, kw, n) for k, (kw, n) in _STUDY_FIELDS.items()},
+        series={k: _text(ds, kw, n) for k, (kw, n) in _SERIES_FIELDS.items()},
+        extra=_extra(ds),
+        instance_number=_int(ds, "InstanceNumber"),
+        series_number=_int(ds, "SeriesNumber"),
+    )
+
+
+def _parse_dataset(data: bytes | memoryview, transfer_syntax: str) -> Dataset:
+    ts = UID(transfer_syntax)
+    if ts == DeflatedExplicitVRLittleEndian:
+        data = zlib.decompress(bytes(data), -zlib.MAX_WBITS)
+    implicit = ts == ImplicitVRLittleEndian
+    little = ts != "1.2.840.10008.1.2.2"
+    return read_dataset(
+        io.BytesIO(data), implicit, little, stop_when=_stop_after_header, defer_size=4096
+    )
+
+
+def _element(tag: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
+    if len(value) % 2:
+        value += pad
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+
+def file_meta_bytes(sop_class: str, sop_uid: str, transfer_syntax: str, source_ae: str) -> bytes:
+    """Preamble, DICM prefix and group 0002 for a dataset received over the network."""
+    body = b"".join(
+        (
+            struct.pack("<HH2sHI", 0x0002, 0x0001, b"OB", 0, 2) + b"\x00\x01",
+            _element(0x00020002, b"UI", sop_class.encode("ascii", "replace"), b"\x00"),
+            _element(0x00020003, b"UI", sop_uid.encode("ascii", "replace"), b"\x00"),
+            _element(0x00020010, b"UI", transfer_syntax.encode("ascii"), b"\x00"),
+            _element(0x00020012, b"UI", IMPLEMENTATION_CLASS_UID.encode(), b"\x00"),
+            _element(0x00020013, b"SH", IMPLEMENTATION_VERSION.encode(), b" "),
+            _element(0x00020016, b"AE", source_ae.encode("ascii", "replace")[:16], b" ")
+            if source_ae
+            else b"",
+        )
+    )
+    group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body))
+    return b"\x00" * 128 + b"DICM" + group_length + body
+
+
+def _upsert(model: type[Study] | type[Series], dialect: str) -> Any:
+    """An INSERT that can take ON CONFLICT DO NOTHING on both supported databases."""
+    if dialect == "postgresql":
+        return postgresql.insert(model)
+    return sqlite.insert(model)
+
+
+class Ingestor:
+    """Stores instances durably and indexes them; thread-safe, one per process."""
+
+    def __init__(self, engine: Engine, store: FileStore, *, log_identifiers: bool = False) -> None:
+        self.engine = engine
+        self.store = store
+        self.log_identifiers = log_identifiers
+        self._dialect = engine.dialect.name
+
+    # --- entry points ------------------------------------------------------------------
+
+    def ingest_network(
+        self,
+        dataset: bytes | memoryview,
+        transfer_syntax: str,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        source: Source,
+    ) -> IngestResult:
+        """Ingest a dataset received by C-STORE (no file meta; encoded in ``transfer_syntax``).
+
+        Raises QuarantinedError when the dataset is unusable, StorageError when it could
+        not be kept (disk, database).
+        """
+        try:
+            ds = _parse_dataset(dataset, transfer_syntax)
+            header = _header_from(ds, "")
+            if header.sop_uid != sop_instance_uid:
+                raise ValueError(
+                    f"SOP Instance UID in the dataset ({header.sop_uid}) differs from the "
+                    f"C-STORE request ({sop_instance_uid})"
+                )
+        except Exception as exc:  # any parse failure means the data is unusable as sent
+            meta = file_meta_bytes(sop_class_uid, sop_instance_uid, transfer_syntax, "")
+            reason = f"cannot index dataset: {_describe(exc)}"
+            raise self._quarantine((meta, dataset), reason, source) from exc
+        meta = file_meta_bytes(
+            header.sop_class, header.sop_uid, transfer_syntax, source.calling_ae or ""
+        )
+        return self._store(header, transfer_syntax, (meta, dataset), source)
+
+    def ingest_file(self, path: Path, source: Source) -> IngestResult:
+        """Ingest a DICOM Part 10 file (or a bare dataset) from disk, stored as it is."""
+        data = path.read_bytes()
+        try:
+            ds, transfer_syntax = _parse_file(data)
+            header = _header_from(ds, "")
+        except Exception as exc:
+            reason = f"not a readable DICOM instance: {_describe(exc)}"
+            raise self._quarantine((data,), reason, source, original=str(path)) from exc
+        return self._store(header, transfer_syntax, (data,), source)
+
+    def quarantine_file(self, path: Path, reason: str, source: Source) -> None:
+        """Move a file that is not to be stored into quarantine; always raises QuarantinedError."""
+        raise self._quarantine((path.read_bytes(),), reason, source, original=str(path))
+
+    def touch(self, study_uids: Iterable[str]) -> None:
+        """Restart the quiet period of these studies (an association that sent them ended)."""
+        uids = list(set(study_uids))
+        if not uids:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(Study)
+                .where(Study.study_instance_uid.in_(uids), Study.state == StudyState.RECEIVING)
+                .values(last_activity_at=utcnow())
+            )
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _quarantine(
+        self,
+        chunks: Iterable[bytes | memoryview],
+        reason: str,
+        source: Source,
+        original: str | None = None,
+    ) -> QuarantinedError:
+        now = utcnow()
+        meta = {
+            "received_at": now.isoformat(),
+            "source": source.describe(),
+            "calling_ae": source.calling_ae,
+            "peer_address": source.peer_address,
+            "original_name": original,
+        }
+        target = self.store.quarantine(chunks, reason, meta)
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    insert(QuarantineRecord).values(
+                        path=str(target),
+                        reason=reason,
+                        source=source.describe(),
+                        size_bytes=target.stat().st_size,
+                        received_at=now,
+                    )
+                )
+        except SQLAlchemyError:
+            logger.exception("quarantine record for %s not indexed (file kept)", target)
+        logger.warning("quarantined input from %s: %s -> %s", source.describe(), reason, target)
+        return QuarantinedError(reason, str(target))
+
+    def _store(
+        self,
+        header: _Header,
+        transfer_syntax: str,
+        chunks: tuple[bytes | memoryview, ...],
+        source: Source,
+    ) -> IngestResult:
+        relative = self.store.relative_path(header.study_uid, header.series_uid, header.sop_uid)
+        try:
+            if self._count_duplicate(header.sop_uid):
+                return self._duplicate(header, relative)
+            tmp, size = self.store.write_temp(chunks)
+            try:
+                self.store.commit_temp(tmp, relative)
+            finally:
+                tmp.unlink(missing_ok=True)
+            try:
+                self._index(header, transfer_syntax, relative, size, source)
+            except IntegrityError:
+                # Another association indexed the same SOP Instance UID meanwhile.
+                if self._count_duplicate(header.sop_uid):
+                    return self._duplicate(header, relative)
+                raise
+        except (OSError, SQLAlchemyError) as exc:
+            raise StorageError(f"could not keep {header.sop_uid}: {_describe(exc)}") from exc
+        return IngestResult(
+            False, header.study_uid, header.series_uid, header.sop_uid, size, relative
+        )
+
+    def _duplicate(self, header: _Header, relative: str) -> IngestResult:
+        logger.debug("duplicate instance %s", header.sop_uid)
+        return IngestResult(True, header.study_uid, header.series_uid, header.sop_uid, 0, relative)
+
+    def _count_duplicate(self, sop_uid: str) -> bool:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(Instance.id, Instance.study_pk).where(Instance.sop_instance_uid == sop_uid)
+            ).first()
+            if row is None:
+                return False
+            conn.execute(
+                update(Instance)
+                .where(Instance.id == row.id)
+                .values(duplicates=Instance.duplicates + 1)
+            )
+            conn.execute(
+                update(Study)
+                .where(Study.id == row.study_pk)
+                .values(duplicates=Study.duplicates + 1)
+            )
+            conn.commit()
+            return True
+
+    def _index(
+        self, header: _Header, transfer_syntax: str, relative: str, size: int, source: Source
+    ) -> None:
+        now = utcnow()
+        src = {
+            "source_kind": source.kind,
+            "calling_ae": source.calling_ae,
+            "called_ae": source.called_ae,
+            "peer_address": source.peer_address,
+            "source_folder": source.folder,
+        }
+        with self.engine.begin() as conn:
+            conn.execute(
+                _upsert(Study, self._dialect)
+                .values(
+                    study_instance_uid=header.study_uid,
+                    state=StudyState.RECEIVING,
+                    version=1,
+                    instances=0,
+                    size_bytes=0,
+                    duplicates=0,
+                    first_received_at=now,
+                    last_received_at=now,
+                    last_activity_at=now,
+                    version_started_at=now,
+                    **header.study,
+                )
+                .on_conflict_do_nothing(index_elements=["study_instance_uid"])
+            )
+            study = conn.execute(
+                select(Study.id, Study.state, Study.version).where(
+                    Study.study_instance_uid == header.study_uid
+                )
+            ).one()
+            version = study.version
+            if study.state == StudyState.COMPLETE:
+                # Late arrival: a new version of the study that will complete again.
+                version += 1
+                conn.execute(
+                    update(Study)
+                    .where(Study.id == study.id)
+                    .values(
+                        state=StudyState.RECEIVING,
+                        version=version,
+                        version_started_at=now,
+                        completed_at=None,
+                    )
+                )
+                logger.info(
+                    "study %s re-opened as version %d by a late instance",
+                    header.study_uid,
+                    version,
+                )
+            conn.execute(
+                _upsert(Series, self._dialect)
+                .values(
+                    study_pk=study.id,
+                    series_instance_uid=header.series_uid,
+                    series_number=header.series_number,
+                    sop_class_uid=header.sop_class,
+                    attributes=header.extra,
+                    instances=0,
+                    size_bytes=0,
+                    first_received_at=now,
+                    last_received_at=now,
+                    **header.series,
+                    **src,
+                )
+                .on_conflict_do_nothing(index_elements=["series_instance_uid"])
+            )
+            series_pk = conn.execute(
+                select(Series.id).where(Series.series_instance_uid == header.series_uid)
+            ).scalar_one()
+            conn.execute(
+                insert(Instance).values(
+                    study_pk=study.id,
+                    series_pk=series_pk,
+                    sop_instance_uid=header.sop_uid,
+                    sop_class_uid=header.sop_class,
+                    transfer_syntax_uid=transfer_syntax,
+                    instance_number=header.instance_number,
+                    path=relative,
+                    size_bytes=size,
+                    study_version=version,
+                    received_at=now,
+                    duplicates=0,
+                    **src,
+                )
+            )
+            conn.execute(
+                update(Study)
+                .where(Study.id == study.id)
+                .values(
+                    instances=Study.instances + 1,
+                    size_bytes=Study.size_bytes + size,
+                    last_received_at=now,
+                    last_activity_at=now,
+                )
+            )
+            conn.execute(
+                update(Series)
+                .where(Series.id == series_pk)
+                .values(
+                    instances=Series.instances + 1,
+                    size_bytes=Series.size_bytes + size,
+                    last_received_at=now,
+                )
+            )
+
+
+def _parse_file(data: bytes) -> tuple[Dataset, str]:
+    """Parse a file's header; returns the dataset and its transfer syntax UID."""
+    fp = io.BytesIO(data)
+    preamble = read_preamble(fp, force=True)
+    if preamble is None:
+        # No preamble: a bare dataset (old ACR-NEMA style exports). Guess implicit VR LE.
+        fp.seek(0)
+        meta_ts = None
+    else:
+        from pydicom.filereader import _read_file_meta_info
+
+        meta = _read_file_meta_info(fp)
+        meta_ts = meta.get("TransferSyntaxUID")
+        if meta_ts is None:
+            raise ValueError("file meta information has no Transfer Syntax UID")
+    start = fp.tell()
+    if meta_ts is None:
+        ts = _guess_transfer_syntax(data[start : start + 8])
+    else:
+        ts = str(meta_ts).strip("\x00 ")
+    return _parse_dataset(memoryview(data)[start:], ts), ts
+
+
+def _guess_transfer_syntax(first: bytes) -> str:
+    if len(first) < 8:
+        raise ValueError("file is too short to be DICOM")
+    vr = first[4:6]
+    if vr.isalpha() and vr.isupper():
+        return "1.2.840.10008.1.2.1"
+    group = struct.unpack("<H", first[:2])[0]
+    if group not in (0x0008, 0x0002):
+        raise ValueError("no DICM prefix and the data does not start like a DICOM dataset")
+    return ImplicitVRLittleEndian
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, RecursionError):
+        text = "sequences nested too deeply to parse"
+    if isinstance(exc, OperationalError):
+        text = f"database error: {exc.orig}"
+    return text[:500]

@@ -1,0 +1,291 @@
+"""The C-ECHO / C-STORE SCP.
+
+Handlers are thin: the C-STORE handler hands the received bytes to the ingest path and turns
+the outcome into a DIMSE status. Every exception becomes a logged failure status; nothing kills
+the association thread. Several processes may serve one listening socket (``node.processes``).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from pynetdicom import AE, _config, evt
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+from dicomnode.errors import QuarantinedError, StorageError
+from dicomnode.ingest import Ingestor, Source
+from dicomnode.settings import NodeSettings
+
+__all__ = ["STATUS", "AssociationStats", "StoreSCP", "listening_socket"]
+
+logger = logging.getLogger(__name__)
+
+_VERIFICATION = "1.2.840.10008.1.1"
+
+# C-STORE statuses we answer with (PS3.4 B.2.3 and PS3.7 C.4.2).
+STATUS = {
+    "success": 0x0000,
+    "out_of_resources": 0xA700,
+    "dataset_mismatch": 0xA900,
+    "cannot_understand": 0xC210,
+    "processing_failure": 0x0110,
+}
+
+
+@dataclass
+class AssociationStats:
+    """What one association did, for its log line."""
+
+    calling_ae: str
+    called_ae: str
+    peer: str
+    started: float = field(default_factory=time.monotonic)
+    stored: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    bytes: int = 0
+    studies: set[str] = field(default_factory=set)
+    outcome: str = "open"
+
+
+def listening_socket(host: str, port: int, backlog: int = 128) -> socket.socket:
+    """A bound, listening TCP socket that forked serving processes can share."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    return sock
+
+
+class _Server(ThreadedAssociationServer):
+    """An association server on an already listening socket, TCP_NODELAY on every peer."""
+
+    daemon_threads = True
+    block_on_close = False
+    shared_socket: socket.socket | None = None
+
+    def server_bind(self) -> None:
+        shared = type(self).shared_socket
+        assert shared is not None
+        if self.socket is not None:
+            self.socket.close()
+        self.socket = shared
+        # Non-blocking accept: when several processes share the socket only one wins a
+        # connection; the others must not block in accept().
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        """The shared socket is already listening."""
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        client.setblocking(True)
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return client, address
+
+    def server_close(self) -> None:
+        # The shared socket belongs to the parent; only stop serving here.
+        pass
+
+
+class _Handler(RequestHandler):
+    """Refuses callers the allow-list does not admit with a proper A-ASSOCIATE-RJ."""
+
+    def _create_association(self) -> Any:
+        assoc = super()._create_association()
+        scp: StoreSCP = cast(Any, self.server).dicomnode_scp
+        peer = str(self.client_address[0])
+        acse = assoc.acse
+        negotiate = acse._negotiate_as_acceptor
+
+        def checked() -> None:
+            request = cast(Any, assoc.requestor.primitive)
+            calling = str(request.calling_ae_title).strip()
+            called = str(request.called_ae_title).strip()
+            reason = scp.refusal(calling, called, peer)
+            if reason is None:
+                negotiate()
+                return
+            logger.warning("association refused: calling AE %r from %s: %s", calling, peer, reason)
+            # 0x01 rejected-permanent, source 0x01 service-user, 0x03 calling AE not recognised
+            # or 0x07 called AE not recognised.
+            diagnostic = 0x07 if reason.startswith("called") else 0x03
+            acse.send_reject(0x01, 0x01, diagnostic)
+            evt.trigger(assoc, evt.EVT_REJECTED, {})
+            assoc.kill()
+
+        acse._negotiate_as_acceptor = checked  # type: ignore[method-assign]
+        return assoc
+
+
+class StoreSCP:
+    """The storage SCP of one process; ``serve_forever`` blocks until ``shutdown``."""
+
+    def __init__(
+        self,
+        settings: NodeSettings,
+        ingestor: Ingestor,
+        sock: socket.socket,
+        *,
+        require_called_ae: bool = False,
+        on_association_end: Callable[[AssociationStats], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.ingestor = ingestor
+        self.require_called_ae = require_called_ae
+        self.on_association_end = on_association_end
+        self._stats: dict[int, AssociationStats] = {}
+        self._lock = threading.Lock()
+        # pynetdicom's per-message debug handlers cost ~15 % CPU; accept any storage class.
+        _config.LOG_HANDLER_LEVEL = "none"
+        _config.UNRESTRICTED_STORAGE_SERVICE = True
+        self.ae = AE(ae_title=settings.ae_title)
+        self.ae.add_supported_context(_VERIFICATION)
+        self.ae.maximum_associations = settings.max_associations
+        self.ae.maximum_pdu_size = settings.maximum_pdu_size
+        self.ae.network_timeout = settings.network_timeout
+        self.ae.acse_timeout = 30
+        self.ae.dimse_timeout = settings.network_timeout
+        handlers: list[Any] = [
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
+        ]
+        server_cls = type("_BoundServer", (_Server,), {"shared_socket": sock})
+        self.server: Any = self.ae.make_server(  # returns our _BoundServer
+            sock.getsockname()[:2],
+            evt_handlers=handlers,
+            server_class=server_cls,
+            request_handler=_Handler,
+        )
+        cast(Any, self.server).dicomnode_scp = self
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def refusal(self, calling: str, called: str, peer: str) -> str | None:
+        """Why an association would be refused, or None when it is admitted."""
+        if self.require_called_ae and called != self.settings.ae_title:
+            return f"called AE {called!r} is not this node's AE title {self.settings.ae_title!r}"
+        if not self.settings.admits(calling, peer):
+            return "calling AE title and address are not in node.allowed_calling_aes"
+        return None
+
+    def serve_forever(self) -> None:
+        self.server.serve_forever(poll_interval=0.2)
+
+    def shutdown(self) -> None:
+        self.server.shutdown()
+        for assoc in self.server.active_associations:
+            assoc.abort()
+
+    # --- handlers ------------------------------------------------------------------------
+
+    def _on_echo(self, event: Any) -> int:
+        return 0x0000
+
+    def _on_accepted(self, event: Any) -> None:
+        assoc = event.assoc
+        stats = AssociationStats(
+            calling_ae=str(assoc.requestor.ae_title).strip(),
+            called_ae=str(assoc.acceptor.ae_title).strip(),
+            peer=f"{assoc.requestor.address}:{assoc.requestor.port}",
+        )
+        with self._lock:
+            self._stats[id(assoc)] = stats
+
+    def _on_released(self, event: Any) -> None:
+        stats = self._stats.get(id(event.assoc))
+        if stats is not None:
+            stats.outcome = "released"
+
+    def _on_aborted(self, event: Any) -> None:
+        stats = self._stats.get(id(event.assoc))
+        if stats is not None:
+            stats.outcome = "aborted"
+
+    def _on_closed(self, event: Any) -> None:
+        with self._lock:
+            stats = self._stats.pop(id(event.assoc), None)
+        if stats is None:
+            return
+        if stats.outcome == "open":
+            stats.outcome = "connection closed"
+        seconds = time.monotonic() - stats.started
+        logger.info(
+            "association %s from %s to %s: %d stored, %d duplicate, %d failed, %d bytes, "
+            "%.2f s, %s",
+            stats.calling_ae,
+            stats.peer,
+            stats.called_ae,
+            stats.stored,
+            stats.duplicates,
+            stats.failed,
+            stats.bytes,
+            seconds,
+            stats.outcome,
+        )
+        try:
+            self.ingestor.touch(stats.studies)
+        except Exception:
+            logger.exception("could not restart the quiet period of %d studies", len(stats.studies))
+        if self.on_association_end is not None:
+            self.on_association_end(stats)
+
+    def _on_store(self, event: Any) -> int:
+        stats = self._stats.get(id(event.assoc))
+        req = event.request
+        try:
+            buffer = req.DataSet.getbuffer()
+            source = Source(
+                kind="dicom",
+                calling_ae=stats.calling_ae if stats else None,
+                called_ae=stats.called_ae if stats else None,
+                peer_address=str(event.assoc.requestor.address),
+            )
+            result = self.ingestor.ingest_network(
+                buffer,
+                str(event.context.transfer_syntax),
+                str(req.AffectedSOPClassUID),
+                str(req.AffectedSOPInstanceUID),
+                source,
+            )
+        except QuarantinedError as exc:
+            self._count_failure(stats)
+            if "differs from the C-STORE request" in exc.reason:
+                return STATUS["dataset_mismatch"]
+            return STATUS["cannot_understand"]
+        except StorageError:
+            logger.exception("C-STORE %s not stored", req.AffectedSOPInstanceUID)
+            self._count_failure(stats)
+            return STATUS["out_of_resources"]
+        except Exception:
+            logger.exception("C-STORE %s failed unexpectedly", req.AffectedSOPInstanceUID)
+            self._count_failure(stats)
+            return STATUS["processing_failure"]
+        if stats is not None:
+            if result.duplicate:
+                stats.duplicates += 1
+            else:
+                stats.stored += 1
+                stats.bytes += result.size_bytes
+            stats.studies.add(result.study_instance_uid)
+        return STATUS["success"]
+
+    @staticmethod
+    def _count_failure(stats: AssociationStats | None) -> None:
+        if stats is not None:
+            stats.failed += 1

@@ -1,0 +1,187 @@
+"""The node's lifecycle: start the SCP (one or several processes), watchers and the
+completion monitor; stop cleanly on SIGTERM/SIGINT; tell systemd when ready."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from types import FrameType
+
+from sqlalchemy import Engine
+
+from dicomnode.completion import CompletionMonitor
+from dicomnode.ingest import Ingestor
+from dicomnode.scp import StoreSCP, listening_socket
+from dicomnode.settings import Settings
+from dicomnode.watch import FolderWatcher
+from storage.db import make_engine, upgrade_schema
+from storage.filestore import FileStore
+
+__all__ = ["Node", "sd_notify"]
+
+logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def sd_notify(message: str) -> None:
+    """Send a state line to systemd when run as a Type=notify service."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(address)
+            sock.sendall(message.encode())
+        except OSError:
+            logger.warning("could not notify systemd at %s", address)
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        logger.warning("cannot ask the kernel to stop this process with its parent")
+
+
+class Node:
+    """One running node: ``start()``, then ``wait()``; ``stop()`` from any thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = FileStore(
+            settings.storage.root, settings.storage.quarantine_dir, fsync=settings.storage.fsync
+        )
+        self.engine: Engine | None = None
+        self.scp: StoreSCP | None = None
+        self.monitor: CompletionMonitor | None = None
+        self.watchers: list[FolderWatcher] = []
+        self.port = 0
+        self._children: list[int] = []
+        self._stopped = threading.Event()
+        self._scp_thread: threading.Thread | None = None
+
+    def _new_ingestor(self, engine: Engine) -> Ingestor:
+        return Ingestor(
+            engine, self.store, log_identifiers=self.settings.logging.patient_identifiers
+        )
+
+    def start(self) -> None:
+        s = self.settings
+        self.store.prepare()
+        engine = make_engine(s.database.url)
+        upgrade_schema(engine)
+        engine.dispose()  # no pooled connection may cross a fork
+        sock = listening_socket(s.node.host, s.node.port)
+        self.port = sock.getsockname()[1]
+        if s.node.processes > 1:
+            for _ in range(s.node.processes):
+                self._fork_server(sock)
+        self.engine = make_engine(s.database.url)
+        if s.node.processes == 1:
+            self.scp = StoreSCP(s.node, self._new_ingestor(self.engine), sock)
+            self._scp_thread = threading.Thread(
+                target=self.scp.serve_forever, name="scp", daemon=True
+            )
+            self._scp_thread.start()
+        ingestor = self._new_ingestor(self.engine)
+        for folder in s.watch:
+            watcher = FolderWatcher(folder, ingestor)
+            watcher.start()
+            self.watchers.append(watcher)
+        self.monitor = CompletionMonitor(self.engine, s.completion)
+        self.monitor.start()
+        logger.info(
+            "dicomnode %s listening on %s:%d (%d process%s); storage %s; index %s",
+            s.node.ae_title,
+            s.node.host,
+            self.port,
+            s.node.processes,
+            "" if s.node.processes == 1 else "es",
+            s.storage.root,
+            _redact(s.database.url),
+        )
+        sd_notify("READY=1\nSTATUS=receiving")
+
+    def _fork_server(self, sock: socket.socket) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid:
+            self._children.append(pid)
+            return
+        # Child: serve the shared socket until told to stop or the parent dies.
+        code = 0
+        try:
+            _die_with_parent()
+            engine = make_engine(self.settings.database.url)
+            scp = StoreSCP(self.settings.node, self._new_ingestor(engine), sock)
+            done = threading.Event()
+
+            def _stop(_signum: int, _frame: FrameType | None) -> None:
+                done.set()
+
+            signal.signal(signal.SIGTERM, _stop)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            thread = threading.Thread(target=scp.serve_forever, name="scp", daemon=True)
+            thread.start()
+            done.wait()
+            scp.shutdown()
+        except BaseException:
+            logger.exception("serving process failed")
+            code = 1
+        finally:
+            logging.shutdown()
+            os._exit(code)
+
+    def wait(self) -> None:
+        """Block until ``stop()`` is called (for example by a signal handler)."""
+        self._stopped.wait()
+
+    def install_signal_handlers(self) -> None:
+        def _handler(signum: int, _frame: FrameType | None) -> None:
+            logger.info("signal %d: stopping", signum)
+            threading.Thread(target=self.stop, name="stop").start()
+
+        signal.signal(signal.SIGTERM, _handler)
+        signal.signal(signal.SIGINT, _handler)
+
+    def stop(self) -> None:
+        if self._stopped.is_set():
+            return
+        sd_notify("STOPPING=1")
+        for watcher in self.watchers:
+            watcher.stop()
+        if self.scp is not None:
+            self.scp.shutdown()
+        for pid in self._children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in self._children:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        if self.monitor is not None:
+            self.monitor.stop()
+        if self.engine is not None:
+            self.engine.dispose()
+        logger.info("dicomnode stopped")
+        self._stopped.set()
+
+
+def _redact(url: str) -> str:
+    """A database URL without its password, for logs."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+    return url

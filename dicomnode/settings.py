@@ -1,0 +1,302 @@
+"""Typed configuration: one YAML file validated by pydantic, errors with file, line and field.
+
+Settings are built once in ``main()`` and passed down; nothing here is read at import time.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dicomnode.errors import ConfigError
+
+__all__ = [
+    "AllowedCaller",
+    "CompletionSettings",
+    "DatabaseSettings",
+    "LoggingSettings",
+    "NodeSettings",
+    "RemoteNode",
+    "Settings",
+    "StorageSettings",
+    "WatchFolder",
+    "embedded_settings",
+    "load_settings",
+]
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # any printable ASCII but backslash
+
+
+def _check_ae(value: str) -> str:
+    value = value.strip()
+    if not _AE_RE.match(value):
+        raise ValueError(
+            f"{value!r} is not a valid AE title: "
+            "use 1 to 16 printable ASCII characters, no backslash"
+        )
+    return value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AllowedCaller(_Model):
+    """A calling AE title allowed to associate, optionally only from one address or network."""
+
+    ae_title: str
+    host: str | None = None
+
+    _v_ae = field_validator("ae_title")(_check_ae)
+
+    @field_validator("host")
+    @classmethod
+    def _v_host(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ipaddress.ip_network(value, strict=False)
+            except ValueError as exc:
+                raise ValueError(
+                    f"{value!r} is not an IP address or network (e.g. 192.0.2.7 or 10.1.0.0/16)"
+                ) from exc
+        return value
+
+    def admits(self, ae_title: str, address: str) -> bool:
+        """Whether a caller with this AE title and peer address is allowed."""
+        if ae_title.strip() != self.ae_title:
+            return False
+        if self.host is None:
+            return True
+        try:
+            return ipaddress.ip_address(address) in ipaddress.ip_network(self.host, strict=False)
+        except ValueError:
+            return False
+
+
+class NodeSettings(_Model):
+    """The node's own DICOM identity and listener."""
+
+    ae_title: str = "DICOMNODE"
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=0, le=65535)
+    allowed_calling_aes: list[AllowedCaller] = Field(default_factory=list)
+    max_associations: int = Field(32, ge=1, le=1024)
+    processes: int = Field(1, ge=1, le=64)
+    network_timeout: float = Field(60.0, gt=0)
+    maximum_pdu_size: int = Field(0, ge=0)
+
+    _v_ae = field_validator("ae_title")(_check_ae)
+
+    @field_validator("allowed_calling_aes", mode="before")
+    @classmethod
+    def _v_allowed(cls, value: Any) -> Any:
+        # Plain strings are AE titles allowed from anywhere.
+        if isinstance(value, list):
+            return [{"ae_title": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    def admits(self, ae_title: str, address: str) -> bool:
+        """Whether the allow-list admits a caller; an empty list admits everyone."""
+        if not self.allowed_calling_aes:
+            return True
+        return any(c.admits(ae_title, address) for c in self.allowed_calling_aes)
+
+
+class StorageSettings(_Model):
+    """Where instances are kept."""
+
+    root: Path = Path("/var/lib/dicomnode")
+    quarantine: Path | None = None
+    fsync: bool = True
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.quarantine if self.quarantine is not None else self.root / "quarantine"
+
+
+class DatabaseSettings(_Model):
+    """The index database (SQLite by default, PostgreSQL for scale-out)."""
+
+    url: str = "sqlite:////var/lib/dicomnode/index.db"
+
+    @field_validator("url")
+    @classmethod
+    def _v_url(cls, value: str) -> str:
+        if not re.match(r"^(sqlite|postgresql)(\+\w+)?://", value):
+            raise ValueError(
+                f"{value!r} is not a supported database URL: use sqlite:////path/index.db "
+                "or postgresql://user@host:5432/dbname"
+            )
+        return value
+
+
+class WatchFolder(_Model):
+    """A drop folder whose files are ingested and then removed."""
+
+    path: Path
+    recursive: bool = True
+    stable_seconds: float = Field(1.0, ge=0, description="size must stay unchanged this long")
+    poll_seconds: float = Field(2.0, gt=0, description="rescan interval for missed events")
+
+
+class CompletionSettings(_Model):
+    """When a study counts as complete (seconds)."""
+
+    settle_seconds: float = Field(5.0, ge=0)
+    force_seconds: float = Field(3600.0, gt=0)
+    check_interval: float = Field(0.5, gt=0)
+
+    @model_validator(mode="after")
+    def _v_order(self) -> CompletionSettings:
+        if self.force_seconds < self.settle_seconds:
+            raise ValueError("force_seconds must not be shorter than settle_seconds")
+        return self
+
+
+class RemoteNode(_Model):
+    """A peer in the node registry."""
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: bool = False
+
+    _v_ae = field_validator("ae_title")(_check_ae)
+
+
+class LoggingSettings(_Model):
+    """Logging; patient identifiers stay out of logs unless allowed."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    patient_identifiers: bool = False
+
+
+class Settings(_Model):
+    """The whole configuration of one node."""
+
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    watch: list[WatchFolder] = Field(default_factory=list)
+    completion: CompletionSettings = Field(default_factory=CompletionSettings)
+    nodes: dict[str, RemoteNode] = Field(default_factory=dict)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    source: str = Field("<defaults>", exclude=True)
+
+
+def embedded_settings(data_dir: Path, port: int = 11112) -> Settings:
+    """The embedded default: every piece of state under one local folder."""
+    data_dir = data_dir.resolve()
+    return Settings(
+        node=NodeSettings(port=port),
+        storage=StorageSettings(root=data_dir / "storage"),
+        database=DatabaseSettings(url=f"sqlite:///{data_dir / 'index.db'}"),
+        watch=[WatchFolder(path=data_dir / "incoming")],
+        source=f"<embedded default in {data_dir}>",
+    )
+
+
+# --- loading with line numbers -------------------------------------------------------------
+
+_HINTS = {
+    "extra_forbidden": "remove it or check its spelling",
+    "missing": "add this field",
+    "int_parsing": "use a whole number",
+    "float_parsing": "use a number",
+    "bool_parsing": "use true or false",
+    "literal_error": "use one of the listed values",
+}
+
+
+def _line_index(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], int]) -> None:
+    out[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            k = key.value
+            out[(*path, k)] = key.start_mark.line + 1
+            _line_index(value, (*path, k), out)
+            out[(*path, k)] = key.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _line_index(item, (*path, i), out)
+
+
+def _line_for(loc: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> int:
+    for end in range(len(loc), -1, -1):
+        key = tuple(loc[:end])
+        if key in lines:
+            return lines[key]
+    return 1
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    """Make relative paths in the config relative to the config file's folder."""
+
+    def fix(value: Any) -> Any:
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            return str(base / value)
+        return value
+
+    storage = data.get("storage")
+    if isinstance(storage, dict):
+        for key in ("root", "quarantine"):
+            if key in storage:
+                storage[key] = fix(storage[key])
+    watch = data.get("watch")
+    if isinstance(watch, list):
+        for item in watch:
+            if isinstance(item, dict) and "path" in item:
+                item["path"] = fix(item["path"])
+    db = data.get("database")
+    if isinstance(db, dict) and isinstance(db.get("url"), str):
+        m = re.match(r"^(sqlite(?:\+\w+)?:///)([^/].*)$", db["url"])
+        if m and m.group(2) != ":memory:":
+            db["url"] = m.group(1) + str(base / m.group(2))
+
+
+def load_settings(path: Path) -> Settings:
+    """Read and validate a configuration file.
+
+    Raises ConfigError listing every problem as ``file:line: field: message (fix)``.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from exc
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(
+            f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}",
+            [f"{where}: fix the YAML syntax (indentation, colons, quotes)"],
+        ) from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}:1: the configuration must be a mapping of sections (node:, storage:, ...)"
+        )
+    lines: dict[tuple[Any, ...], int] = {}
+    if node is not None:
+        _line_index(node, (), lines)
+    _resolve_paths(data, path.resolve().parent)
+    try:
+        return Settings.model_validate({**data, "source": str(path)})
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            field = ".".join(str(p) for p in loc) or "(top level)"
+            hint = _HINTS.get(err["type"], "")
+            msg = err["msg"].removeprefix("Value error, ")
+            problem = f"{path}:{_line_for(loc, lines)}: {field}: {msg}"
+            problems.append(f"{problem} ({hint})" if hint else problem)
+        raise ConfigError(f"{path}: {len(problems)} configuration error(s)", problems) from None

@@ -1,0 +1,3 @@
+"""Rules: matching studies and series, explaining decisions, turning studies into jobs."""
+
+__all__: list[str] = []

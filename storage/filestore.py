@@ -1,0 +1,140 @@
+"""The durable file store: temporary name, fsync, rename, fsync of the folder.
+
+Layout under the storage root::
+
+    studies/<study uid>/<series uid>/<sop instance uid>.dcm
+    tmp/                 partial writes (removed at start: nothing there was acknowledged)
+    quarantine/<date>/<id>.dcm + <id>.reason.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["FileStore", "sanitize_uid"]
+
+_SAFE_UID = re.compile(r"^[0-9][0-9.]{0,63}$")
+
+
+def sanitize_uid(uid: str) -> str:
+    """A UID as a safe file name; anything not a plain UID gets a hash suffix so two
+    different untrusted values never map to the same name."""
+    if _SAFE_UID.match(uid) and ".." not in uid and not uid.endswith("."):
+        return uid
+    cleaned = re.sub(r"[^0-9.]", "_", uid)[:40].strip(".") or "_"
+    digest = hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return f"{cleaned}_{digest}"
+
+
+class FileStore:
+    """Durable files under one root folder."""
+
+    def __init__(self, root: Path, quarantine: Path | None = None, fsync: bool = True) -> None:
+        self.root = root
+        self.quarantine_dir = quarantine if quarantine is not None else root / "quarantine"
+        self.tmp_dir = root / "tmp"
+        self.fsync = fsync
+        self._known_dirs: set[Path] = set()
+
+    def prepare(self) -> None:
+        """Create the folders and drop partial writes left by a crash (never acknowledged)."""
+        for d in (self.root, self.root / "studies", self.tmp_dir, self.quarantine_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        for leftover in self.tmp_dir.glob("*.part"):
+            leftover.unlink(missing_ok=True)
+
+    def relative_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
+        return (
+            "/".join(
+                (
+                    "studies",
+                    sanitize_uid(study_uid),
+                    sanitize_uid(series_uid),
+                    sanitize_uid(sop_uid),
+                )
+            )
+            + ".dcm"
+        )
+
+    def absolute(self, relative: str) -> Path:
+        return self.root / relative
+
+    def _mkdirs(self, folder: Path) -> None:
+        if folder in self._known_dirs:
+            return
+        created = not folder.exists()
+        folder.mkdir(parents=True, exist_ok=True)
+        if created and self.fsync:
+            # Make the new folder entries durable up to the studies folder.
+            p = folder
+            while p != self.root and p.parent != p:
+                _fsync_dir(p.parent)
+                p = p.parent
+        self._known_dirs.add(folder)
+        if len(self._known_dirs) > 10000:
+            self._known_dirs.clear()
+
+    def write_temp(self, chunks: Iterable[bytes | memoryview]) -> tuple[Path, int]:
+        """Write chunks to a new temporary file and fsync it; returns (path, size in bytes)."""
+        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        size = 0
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                    size += n
+            if self.fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        return tmp, size
+
+    def commit_temp(self, tmp: Path, relative: str) -> Path:
+        """Move a fsynced temporary file to its final name (replacing an unindexed leftover)."""
+        final = self.root / relative
+        self._mkdirs(final.parent)
+        os.replace(tmp, final)
+        if self.fsync:
+            _fsync_dir(final.parent)
+        return final
+
+    def quarantine(
+        self, chunks: Iterable[bytes | memoryview], reason: str, meta: dict[str, Any]
+    ) -> Path:
+        """Keep rejected input with a JSON reason file beside it; returns the data file's path."""
+        day = meta.get("received_at", "")[:10] or "undated"
+        folder = self.quarantine_dir / day
+        folder.mkdir(parents=True, exist_ok=True)
+        name = uuid.uuid4().hex
+        tmp, _ = self.write_temp(chunks)
+        target = folder / f"{name}.dcm"
+        os.replace(tmp, target)
+        info = {"reason": reason, **meta, "file": target.name}
+        reason_path = folder / f"{name}.reason.json"
+        reason_tmp = folder / f".{name}.reason.tmp"
+        reason_tmp.write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
+        os.replace(reason_tmp, reason_path)
+        if self.fsync:
+            _fsync_dir(folder)
+        return target
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
