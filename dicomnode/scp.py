@@ -171,6 +171,8 @@ class StoreSCP:
             request_handler=_Handler,
         )
         cast(Any, self.server).dicomnode_scp = self
+        # Registered like start_server() does, so the association limit counts this server.
+        self.ae._servers.append(self.server)
 
     @property
     def port(self) -> int:
