@@ -1,0 +1,117 @@
+"""Configuration: the documented example is valid; every error names file, line, field, fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicomnode.cli import EXIT, main
+from dicomnode.errors import ConfigError
+from dicomnode.settings import embedded_settings, load_settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "dicomnode.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_documented_example_is_valid() -> None:
+    settings = load_settings(REPO / "config" / "dicomnode.yaml")
+    assert settings.node.ae_title == "DICOMNODE"
+    assert settings.node.port == 11112
+    assert settings.completion.settle_seconds == 5
+    assert settings.nodes["PACS"].port == 104
+    assert settings.watch[0].path == Path("/var/lib/dicomnode/incoming")
+
+
+def test_every_error_is_reported_with_line_field_and_hint(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        "node:\n"
+        "  ae_title: THIS_TITLE_IS_TOO_LONG\n"
+        "  port: eleven\n"
+        "storage:\n"
+        "  root: /srv/dicom\n"
+        "  colour: blue\n"
+        "completion: {settle_seconds: 10, force_seconds: 5}\n"
+        "nodes:\n"
+        "  PACS: {ae_title: PACS, host: 192.0.2.1}\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    problems = info.value.problems
+    text = "\n".join(problems)
+    assert f"{path}:2: node.ae_title:" in text and "16 printable ASCII" in text
+    assert f"{path}:3: node.port:" in text and "whole number" in text
+    assert f"{path}:6: storage.colour:" in text and "remove it or check its spelling" in text
+    assert f"{path}:7: completion:" in text and "force_seconds" in text
+    assert f"{path}:9: nodes.PACS.port:" in text and "add this field" in text
+    assert len(problems) == 5
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
+    path = _write(tmp_path, "node:\n  ae_title: A\n port: 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert f"{path}:3" in str(info.value)
+
+
+def test_bad_database_url_and_allowed_host_are_explained(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        "database: {url: 'mysql://x'}\n"
+        "node:\n  allowed_calling_aes:\n    - {ae_title: CT1, host: not-an-address}\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    text = str(info.value)
+    assert f"{path}:1: database.url:" in text and "postgresql://" in text
+    assert f"{path}:4: node.allowed_calling_aes.0.host:" in text
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        "storage: {root: state/storage}\n"
+        "database: {url: 'sqlite:///state/index.db'}\n"
+        "watch: [{path: drop}]\n",
+    )
+    settings = load_settings(path)
+    assert settings.storage.root == tmp_path / "state" / "storage"
+    assert settings.database.url == f"sqlite:///{tmp_path / 'state' / 'index.db'}"
+    assert settings.watch[0].path == tmp_path / "drop"
+
+
+def test_allow_list_by_title_and_network(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        "node:\n  allowed_calling_aes: [PACS, {ae_title: CT1, host: 10.1.0.0/16}]\n",
+    )
+    node = load_settings(path).node
+    assert node.admits("PACS", "203.0.113.9")
+    assert node.admits("CT1", "10.1.2.3")
+    assert not node.admits("CT1", "10.2.0.1")
+    assert not node.admits("OTHER", "10.1.2.3")
+
+
+def test_embedded_default_keeps_all_state_in_one_folder(tmp_path: Path) -> None:
+    settings = embedded_settings(tmp_path / "data")
+    root = tmp_path / "data"
+    assert settings.storage.root.is_relative_to(root)
+    assert settings.database.url.endswith(str(root / "index.db"))
+    assert all(w.path.is_relative_to(root) for w in settings.watch)
+
+
+def test_config_check_command_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "check", str(REPO / "config" / "dicomnode.yaml")]) == EXIT["ok"]
+    bad = _write(tmp_path, "nodes: {PACS: {ae_title: PACS, host: h, port: 0}}\n")
+    assert main(["config", "check", str(bad)]) == EXIT["config"]
+    err = capsys.readouterr().err
+    assert f"{bad}:1: nodes.PACS.port:" in err
+    missing = tmp_path / "absent.yaml"
+    assert main(["config", "check", str(missing)]) == EXIT["config"]
+    assert "cannot read configuration" in capsys.readouterr().err
