@@ -90,6 +90,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ae", help="called AE title for HOST:PORT (default ANY-SCP)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds")
 
+    p = sub.add_parser("route", help="routing rules")
+    rsub = p.add_subparsers(dest="route_command", required=True)
+    r = rsub.add_parser("test", help="explain every rule's decision for DICOM files or folders")
+    _add_source(r)
+    r.add_argument("paths", nargs="+", help="DICOM files or folders")
+    r.add_argument("--calling-ae", help="pretend the study came from this calling AE title")
+    r.add_argument("--called-ae", help="pretend it was sent to this AE title")
+    r.add_argument("--peer", help="pretend it came from this address")
+    r.add_argument("--json", action="store_true", help="print JSON")
+
     p = sub.add_parser("db", help="index database")
     dsub = p.add_subparsers(dest="db_command", required=True)
     d = dsub.add_parser("upgrade", help="apply migrations")
@@ -128,12 +138,36 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _quarantine(settings, args.json)
     if args.command == "echo":
         return _echo(settings, args.target, args.ae, args.timeout)
+    if args.command == "route":
+        return _route_test(settings, args)
     if args.command == "db":
         engine = make_engine(settings.database.url)
         upgrade_schema(engine)
         print("index schema is up to date")
         return EXIT["ok"]
     return EXIT["usage"]
+
+
+def _route_test(settings: Settings, args: argparse.Namespace) -> int:
+    from routing.explain import explain_files, format_report
+
+    if args.calling_ae or args.called_ae or args.peer:
+        source = {
+            "kind": "dicom",
+            "calling_ae": args.calling_ae,
+            "called_ae": args.called_ae or settings.node.ae_title,
+            "peer_address": args.peer,
+        }
+    else:
+        source = {"kind": "folder", "folder": ", ".join(str(Path(p).resolve()) for p in args.paths)}
+    reports, skipped = explain_files(settings.rules, [Path(p) for p in args.paths], source)
+    if args.json:
+        print(json.dumps({"studies": reports, "not_read": skipped}, indent=2))
+    else:
+        if not settings.rules:
+            print(f"no rules in {settings.source}")
+        print(format_report(reports, skipped), end="")
+    return EXIT["ok"] if reports else EXIT["failure"]
 
 
 def _serve(settings: Settings) -> int:
@@ -188,7 +222,16 @@ def study_rows(session: Session) -> list[dict[str, Any]]:
                 "last_received_at": st.last_received_at.isoformat() + "Z",
                 "completed_at": st.completed_at.isoformat() + "Z" if st.completed_at else None,
                 "completion_reason": last.reason if last and st.completed_at else None,
-                "completions": len(st.completions),
+                "completions": [
+                    {
+                        "version": ev.version,
+                        "reason": ev.reason,
+                        "completed_at": ev.completed_at.isoformat() + "Z",
+                        "instances": ev.instances,
+                        "version_instances": ev.version_instances,
+                    }
+                    for ev in st.completions
+                ],
                 "series": [
                     {
                         "series_instance_uid": se.series_instance_uid,

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dicomnode.errors import ConfigError
+from routing.rules import Rule
 
 __all__ = [
     "AllowedCaller",
@@ -186,6 +187,8 @@ class Settings(_Model):
     completion: CompletionSettings = Field(default_factory=CompletionSettings)
     nodes: dict[str, RemoteNode] = Field(default_factory=dict)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    rules: list[Rule] = Field(default_factory=list)
+    rules_dir: Path | None = None
     source: str = Field("<defaults>", exclude=True)
 
 
@@ -252,6 +255,8 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         for item in watch:
             if isinstance(item, dict) and "path" in item:
                 item["path"] = fix(item["path"])
+    if isinstance(data.get("rules_dir"), str):
+        data["rules_dir"] = fix(data["rules_dir"])
     db = data.get("database")
     if isinstance(db, dict) and isinstance(db.get("url"), str):
         m = re.match(r"^(sqlite(?:\+\w+)?:///)([^/].*)$", db["url"])
@@ -259,11 +264,8 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
             db["url"] = m.group(1) + str(base / m.group(2))
 
 
-def load_settings(path: Path) -> Settings:
-    """Read and validate a configuration file.
-
-    Raises ConfigError listing every problem as ``file:line: field: message (fix)``.
-    """
+def _compose(path: Path) -> tuple[Any, dict[tuple[Any, ...], int]]:
+    """Parse a YAML file; returns the data and a map of key path -> line number."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -278,25 +280,97 @@ def load_settings(path: Path) -> Settings:
             f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}",
             [f"{where}: fix the YAML syntax (indentation, colons, quotes)"],
         ) from exc
+    lines: dict[tuple[Any, ...], int] = {}
+    if node is not None:
+        _line_index(node, (), lines)
+    return data, lines
+
+
+def _problems(
+    exc: ValidationError,
+    path: Path,
+    lines: dict[tuple[Any, ...], int],
+    prefix: tuple[Any, ...] = (),
+) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        loc = (*prefix, *err["loc"])
+        field = ".".join(str(p) for p in loc) or "(top level)"
+        hint = _HINTS.get(err["type"], "")
+        msg = err["msg"].removeprefix("Value error, ")
+        problem = f"{path}:{_line_for(loc, lines)}: {field}: {msg}"
+        problems.append(f"{problem} ({hint})" if hint else problem)
+    return problems
+
+
+def _load_rules_dir(folder: Path) -> tuple[list[Rule], list[tuple[Path, int]], list[str]]:
+    """Rules from every *.yaml / *.yml file in a folder (a list, or a mapping with 'rules')."""
+    rules: list[Rule] = []
+    origins: list[tuple[Path, int]] = []
+    problems: list[str] = []
+    if not folder.is_dir():
+        return rules, origins, [f"{folder}: rules_dir is not a folder (create it or fix the path)"]
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".yaml", ".yml"))
+    for path in files:
+        data, lines = _compose(path)
+        prefix: tuple[Any, ...] = ()
+        if isinstance(data, dict) and set(data) == {"rules"}:
+            data, prefix = data["rules"], ("rules",)
+        if data is None:
+            continue
+        if not isinstance(data, list):
+            problems.append(f"{path}:1: a rules file holds a list of rules (or 'rules: [...]')")
+            continue
+        for i, item in enumerate(data):
+            try:
+                rules.append(Rule.model_validate(item))
+                origins.append((path, _line_for((*prefix, i), lines)))
+            except ValidationError as exc:
+                problems.extend(_problems(exc, path, lines, (*prefix, i)))
+    return rules, origins, problems
+
+
+def load_settings(path: Path) -> Settings:
+    """Read and validate a configuration file (and its rules folder).
+
+    Raises ConfigError listing every problem as ``file:line: field: message (fix)``.
+    """
+    data, lines = _compose(path)
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(
             f"{path}:1: the configuration must be a mapping of sections (node:, storage:, ...)"
         )
-    lines: dict[tuple[Any, ...], int] = {}
-    if node is not None:
-        _line_index(node, (), lines)
     _resolve_paths(data, path.resolve().parent)
     try:
-        return Settings.model_validate({**data, "source": str(path)})
+        settings = Settings.model_validate({**data, "source": str(path)})
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc = tuple(err["loc"])
-            field = ".".join(str(p) for p in loc) or "(top level)"
-            hint = _HINTS.get(err["type"], "")
-            msg = err["msg"].removeprefix("Value error, ")
-            problem = f"{path}:{_line_for(loc, lines)}: {field}: {msg}"
-            problems.append(f"{problem} ({hint})" if hint else problem)
-        raise ConfigError(f"{path}: {len(problems)} configuration error(s)", problems) from None
+        found = _problems(exc, path, lines)
+        raise ConfigError(f"{path}: {len(found)} configuration error(s)", found) from None
+    origins = [(path, _line_for(("rules", i), lines)) for i in range(len(settings.rules))]
+    rules = list(settings.rules)
+    problems: list[str] = []
+    if settings.rules_dir is not None:
+        more, more_origins, problems = _load_rules_dir(settings.rules_dir)
+        rules += more
+        origins += more_origins
+    seen: dict[str, tuple[Path, int]] = {}
+    for rule, (file, line) in zip(rules, origins, strict=True):
+        if rule.name in seen:
+            first = seen[rule.name]
+            problems.append(
+                f"{file}:{line}: rules: the name {rule.name!r} is used again "
+                f"(first at {first[0]}:{first[1]}); give every rule its own name"
+            )
+        seen.setdefault(rule.name, (file, line))
+        for dest in rule.destinations:
+            if dest != "origin" and dest not in settings.nodes:
+                known = ", ".join(sorted(settings.nodes)) or "none registered"
+                problems.append(
+                    f"{file}:{line}: rules.{rule.name}.destinations: {dest!r} is not in the "
+                    f"nodes registry ({known}); add it under 'nodes:' or use 'origin'"
+                )
+    if problems:
+        raise ConfigError(f"{path}: {len(problems)} configuration error(s)", problems)
+    return settings.model_copy(update={"rules": rules})

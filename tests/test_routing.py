@@ -1,0 +1,186 @@
+"""Rules: matching, explanations, configuration errors, and ``route test`` on real files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pydicom.uid import generate_uid
+
+from dicomnode.cli import EXIT, main
+from dicomnode.errors import ConfigError
+from dicomnode.settings import load_settings
+from routing.conditions import ConditionError, compile_condition
+from routing.rules import Rule, SeriesView, StudyView, evaluate_rules
+from tests.dicomgen import make_series, write_series
+
+values = st.one_of(
+    st.none(),
+    st.text(max_size=40),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.lists(st.text(max_size=10), max_size=4),
+    st.binary(max_size=20),
+)
+matchers = st.one_of(
+    st.text(max_size=10),
+    st.integers(-100, 100),
+    st.lists(st.text(max_size=5), min_size=1, max_size=3),
+    st.fixed_dictionaries({"regex": st.sampled_from(["^A", "(?i)t1", "x|y", ".*"])}),
+    st.fixed_dictionaries({"glob": st.sampled_from(["*", "CT*", "?R", "[A-C]*"])}),
+    st.fixed_dictionaries({"gt": st.integers(-100, 100)}),
+    st.fixed_dictionaries({"le": st.floats(-100, 100)}),
+    st.fixed_dictionaries({"present": st.booleans()}),
+)
+
+
+@given(value=values, matcher=matchers)
+def test_matcher_never_raises_and_not_inverts(value: Any, matcher: Any) -> None:
+    attrs = {"X": value}
+    plain = compile_condition({"X": matcher}).evaluate(attrs)
+    negated = compile_condition({"not": {"X": matcher}}).evaluate(attrs)
+    assert plain.matched != negated.matched
+    if not plain.matched:
+        assert plain.reasons and "X" in plain.reasons[0]
+
+
+@given(value=st.floats(-1000, 1000, allow_nan=False), bound=st.floats(-1000, 1000))
+def test_numeric_comparisons_agree_with_python(value: float, bound: float) -> None:
+    attrs = {"SliceThickness": str(value)}
+    for op, expected in (
+        ("gt", value > bound),
+        ("ge", value >= bound),
+        ("lt", value < bound),
+        ("le", value <= bound),
+    ):
+        assert (
+            compile_condition({"SliceThickness": {op: bound}}).evaluate(attrs).matched is expected
+        )
+
+
+@given(st.dictionaries(st.sampled_from(["Modality", "BodyPartExamined", "Other"]), values))
+def test_missing_attributes_make_rules_not_match_instead_of_crashing(attrs: dict[str, Any]) -> None:
+    rule = Rule(
+        name="r",
+        action="forward",
+        destinations=["PACS"],
+        study={"all": [{"PatientID": {"present": True}}, {"any": [{"Modality": "CT"}]}]},
+    )
+    view = StudyView("1.2.3", attrs, [SeriesView("1.2.3.4", dict(attrs))])
+    decision = evaluate_rules([rule], view)[0]
+    assert not decision.matched
+    assert "PatientID is missing" in decision.reasons[0]
+
+
+def test_multi_valued_and_combined_conditions() -> None:
+    cond = compile_condition(
+        {
+            "ImageType": "AXIAL",
+            "any": [{"Modality": ["CT", "PT"]}, {"source.calling_ae": {"regex": "^VEL"}}],
+            "not": {"SeriesDescription": {"glob": "*scout*"}},
+        }
+    )
+    ok = {
+        "ImageType": "ORIGINAL\\PRIMARY\\AXIAL",
+        "Modality": "MR",
+        "source.calling_ae": "VELOCITY",
+    }
+    assert cond.evaluate(ok).matched
+    scout = {**ok, "SeriesDescription": "CT Scout"}
+    out = cond.evaluate(scout)
+    assert not out.matched and "'not'" in out.reasons[0]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"Modality": {"regexp": "CT"}}, "unknown operator 'regexp'"),
+        ({"Modality": {"regex": "("}}, "invalid regex"),
+        ({"SliceThickness": {"gt": "thick"}}, "gt needs a number"),
+        ({"any": []}, "non-empty list"),
+        ("CT", "a condition is a mapping"),
+    ],
+)
+def test_malformed_conditions_say_what_is_wrong(spec: Any, message: str) -> None:
+    with pytest.raises(ConditionError, match=message):
+        compile_condition(spec)
+
+
+def test_named_inputs_are_held_while_receiving_and_unmatched_when_final() -> None:
+    rule = Rule(
+        name="brats",
+        action="run",
+        pipeline="brats",
+        inputs={
+            "t1": {"SeriesDescription": {"regex": "(?i)^t1$"}},
+            "flair": {"SeriesDescription": {"glob": "*FLAIR*"}},
+        },
+    )
+    view = StudyView("1", {}, [SeriesView("1.1", {"SeriesDescription": "T1"})])
+    held = evaluate_rules([rule], view, final=False)[0]
+    assert held.held and held.missing == ["flair"]
+    final = evaluate_rules([rule], view, final=True)[0]
+    assert not final.matched and not final.held
+    view.series.append(SeriesView("1.2", {"SeriesDescription": "AX FLAIR"}))
+    done = evaluate_rules([rule], view)[0]
+    assert done.matched and done.inputs == {"t1": ["1.1"], "flair": ["1.2"]}
+
+
+def test_rule_errors_in_a_rules_folder_name_file_and_line(tmp_path: Path) -> None:
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "10-ct.yaml").write_text(
+        "- name: ct\n  action: forward\n  destinations: [PACS]\n"
+        "- name: bad\n  action: run\n"
+        "- name: ct\n  action: forward\n  destinations: [NOWHERE]\n"
+    )
+    config = tmp_path / "dicomnode.yaml"
+    config.write_text("rules_dir: rules\nnodes: {PACS: {ae_title: PACS, host: h, port: 104}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(config)
+    text = str(info.value)
+    assert f"{rules / '10-ct.yaml'}:4: 1: action 'run' needs 'pipeline: NAME'" in text
+    assert f"{rules / '10-ct.yaml'}:6: rules: the name 'ct' is used again" in text
+    assert "'NOWHERE' is not in the nodes registry (PACS)" in text
+
+
+def test_route_test_explains_each_rule_on_real_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    study = generate_uid()
+    write_series(
+        tmp_path / "in",
+        make_series(2, modality="MR", study_uid=study, series_description="T1", series_number=1)
+        + make_series(
+            2, modality="CT", study_uid=study, series_description="Chest", series_number=2
+        ),
+    )
+    config = tmp_path / "dicomnode.yaml"
+    config.write_text(
+        "nodes: {PACS: {ae_title: PACS, host: 127.0.0.1, port: 104}}\n"
+        "rules:\n"
+        "  - {name: ct, series: {Modality: CT}, action: forward, destinations: [PACS, origin]}\n"
+        "  - {name: pet, series: {Modality: PT}, action: forward, destinations: [PACS]}\n"
+        "  - {name: velocity-only, study: {source.calling_ae: VELOCITY}, action: discard}\n"
+    )
+    code = main(["route", "test", "--config", str(config), str(tmp_path / "in"), "--json"])
+    assert code == EXIT["ok"]
+    report = json.loads(capsys.readouterr().out)["studies"][0]
+    by_rule = {r["rule"]: r for r in report["rules"]}
+    assert by_rule["ct"]["matched"]
+    assert len(by_rule["ct"]["inputs"]["series"]) == 1
+    assert not by_rule["pet"]["matched"]
+    assert "Modality is 'CT', not equals 'PT'" in by_rule["pet"]["reasons"][0]
+    assert "source.calling_ae is missing" in by_rule["velocity-only"]["reasons"][0]
+    assert [j["rule"] for j in report["jobs"]] == ["ct"]
+
+    main(
+        ["route", "test", "--config", str(config), str(tmp_path / "in"), "--calling-ae", "VELOCITY"]
+    )
+    text = capsys.readouterr().out
+    assert "rule velocity-only (discard, normal): matched" in text
+    assert "=> job: rule ct forward (normal) on 1 series -> PACS, origin" in text
