@@ -100,6 +100,28 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--peer", help="pretend it came from this address")
     r.add_argument("--json", action="store_true", help="print JSON")
 
+    for name, text in (
+        ("jobs", "list jobs with state, attempts and errors"),
+        ("deliveries", "list deliveries (outbox) per destination"),
+        ("routing", "list routing decisions: routed, held, unmatched, with reasons"),
+    ):
+        p = sub.add_parser(name, help=text)
+        _add_source(p)
+        p.add_argument("--json", action="store_true", help="print JSON")
+    for name, text in (
+        ("retry", "queue a failed job again (and its failed deliveries)"),
+        ("cancel", "cancel a queued or running job and its open deliveries"),
+    ):
+        p = sub.add_parser(name, help=text)
+        _add_source(p)
+        p.add_argument("job", type=int, help="job id (see 'dicomnode jobs')")
+
+    p = sub.add_parser("worker", help="run a Dramatiq worker for jobs and deliveries")
+    _add_source(p)
+    p.add_argument("--queues", nargs="+", help="only these queues (jobs.urgent, jobs.normal, ...)")
+    p.add_argument("--gpu", help="GPU index for what this worker runs (sets CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--threads", type=int, help="worker threads (default broker.worker_threads)")
+
     p = sub.add_parser("db", help="index database")
     dsub = p.add_subparsers(dest="db_command", required=True)
     d = dsub.add_parser("upgrade", help="apply migrations")
@@ -140,6 +162,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _echo(settings, args.target, args.ae, args.timeout)
     if args.command == "route":
         return _route_test(settings, args)
+    if args.command in ("jobs", "deliveries", "routing"):
+        return _ledger(settings, args.command, args.json)
+    if args.command in ("retry", "cancel"):
+        return _retry_cancel(settings, args.command, args.job)
+    if args.command == "worker":
+        return _worker(settings, args)
     if args.command == "db":
         engine = make_engine(settings.database.url)
         upgrade_schema(engine)
@@ -168,6 +196,112 @@ def _route_test(settings: Settings, args: argparse.Namespace) -> int:
             print(f"no rules in {settings.source}")
         print(format_report(reports, skipped), end="")
     return EXIT["ok"] if reports else EXIT["failure"]
+
+
+def _ledger(settings: Settings, what: str, as_json: bool) -> int:
+    from dicomnode import admin
+
+    engine = _open_index(settings)
+    rows = {
+        "jobs": admin.job_rows,
+        "deliveries": admin.delivery_rows,
+        "routing": admin.routing_rows,
+    }[what](engine)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return EXIT["ok"]
+    if not rows:
+        print(f"no {what}")
+    for r in rows:
+        if what == "jobs":
+            series = sum(len(v) for v in r["inputs"].values())
+            print(
+                f"{r['id']:>5}  {r['state']:<9} {r['rule']} ({r['action']}"
+                f"{' ' + r['pipeline'] if r['pipeline'] else ''}, {r['priority']}) "
+                f"v{r['study_version']} {series} series -> {', '.join(r['destinations']) or '-'}"
+                f"  attempts {r['attempts']}/{r['max_attempts']}"
+                + (f"\n       error: {r['error']}" if r["error"] else "")
+            )
+        elif what == "deliveries":
+            print(
+                f"{r['id']:>5}  {r['state']:<9} job {r['job']} -> {r['destination']} "
+                f"({r['ae_title']}@{r['host']}:{r['port']})  {r['delivered']}/{r['instances']} "
+                f"delivered  attempts {r['attempts']}/{r['max_attempts']}"
+                + (f"\n       last error: {r['last_error']}" if r["last_error"] else "")
+            )
+        else:
+            print(f"{r['study_instance_uid']} v{r['version']}: {r['outcome']}")
+            for line in r["explanation"]:
+                print(f"    {line}")
+    return EXIT["ok"]
+
+
+def _retry_cancel(settings: Settings, what: str, job_id: int) -> int:
+    from dicomnode import admin
+
+    engine = _open_index(settings)
+    if what == "retry":
+        priority, deliveries = admin.retry_job(engine, job_id)
+        parts = ["job queued again"] if priority else []
+        if deliveries:
+            parts.append(f"{len(deliveries)} delivery(ies) pending again")
+        print(f"job {job_id}: {', '.join(parts)}; the running node picks it up")
+    else:
+        cancelled = admin.cancel_job(engine, job_id)
+        print(f"job {job_id}: cancelled ({cancelled} open delivery(ies) cancelled)")
+    return EXIT["ok"]
+
+
+def _worker(settings: Settings, args: argparse.Namespace) -> int:
+    import os
+    import signal
+    import threading
+
+    import dramatiq
+
+    from runners.broker import QUEUES, make_broker
+    from runners.tasks import Tasks
+
+    if settings.broker.url == "embedded":
+        print(
+            "dicomnode: broker.url is 'embedded': jobs run inside 'dicomnode serve'. To run "
+            "separate workers set broker.url to redis://HOST:6379/0 (or amqp://...)",
+            file=sys.stderr,
+        )
+        return EXIT["config"]
+    unknown = sorted(set(args.queues or ()) - set(QUEUES))
+    if unknown:
+        print(
+            f"dicomnode: unknown queue(s) {', '.join(unknown)}; use {', '.join(QUEUES)}",
+            file=sys.stderr,
+        )
+        return EXIT["usage"]
+    if args.gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
+    _setup_logging(settings.logging.level)
+    engine = make_engine(settings.database.url)
+    upgrade_schema(engine)
+    broker = make_broker(settings.broker.url, settings.broker.namespace)
+    Tasks(engine, settings, broker)
+    worker = dramatiq.Worker(
+        broker,
+        queues=set(args.queues) if args.queues else None,
+        worker_threads=args.threads or settings.broker.worker_threads,
+    )
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    worker.start()
+    logger.info(
+        "worker ready: queues %s, %d thread(s)%s",
+        ", ".join(args.queues or QUEUES),
+        args.threads or settings.broker.worker_threads,
+        f", GPU {args.gpu}" if args.gpu is not None else "",
+    )
+    done.wait()
+    worker.stop()
+    broker.close()
+    return EXIT["ok"]
 
 
 def _serve(settings: Settings) -> int:

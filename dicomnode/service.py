@@ -20,6 +20,7 @@ from dicomnode.ingest import Ingestor
 from dicomnode.scp import StoreSCP, listening_socket
 from dicomnode.settings import Settings
 from dicomnode.watch import FolderWatcher
+from runners.dispatch import Dispatcher
 from storage.db import make_engine, upgrade_schema
 from storage.filestore import FileStore
 
@@ -64,6 +65,7 @@ class Node:
         self.engine: Engine | None = None
         self.scp: StoreSCP | None = None
         self.monitor: CompletionMonitor | None = None
+        self.dispatcher: Dispatcher | None = None
         self.watchers: list[FolderWatcher] = []
         self.port = 0
         self._children: list[int] = []
@@ -98,7 +100,9 @@ class Node:
             watcher = FolderWatcher(folder, ingestor)
             watcher.start()
             self.watchers.append(watcher)
-        self.monitor = CompletionMonitor(self.engine, s.completion)
+        self.dispatcher = Dispatcher(self.engine, s)
+        self.dispatcher.start()
+        self.monitor = CompletionMonitor(self.engine, s.completion, self.dispatcher.on_complete)
         self.monitor.start()
         logger.info(
             "dicomnode %s listening on %s:%d (%d process%s); storage %s; index %s",
@@ -171,6 +175,8 @@ class Node:
                 os.waitpid(pid, 0)
         if self.monitor is not None:
             self.monitor.stop()
+        if self.dispatcher is not None:
+            self.dispatcher.stop()
         if self.engine is not None:
             self.engine.dispose()
         logger.info("dicomnode stopped")

@@ -18,8 +18,11 @@ from routing.rules import Rule
 
 __all__ = [
     "AllowedCaller",
+    "BrokerSettings",
     "CompletionSettings",
     "DatabaseSettings",
+    "DeliverySettings",
+    "JobSettings",
     "LoggingSettings",
     "NodeSettings",
     "RemoteNode",
@@ -143,6 +146,9 @@ class WatchFolder(_Model):
     recursive: bool = True
     stable_seconds: float = Field(1.0, ge=0, description="size must stay unchanged this long")
     poll_seconds: float = Field(2.0, gt=0, description="rescan interval for missed events")
+    empty_folder_seconds: float = Field(
+        60.0, ge=0, description="an emptied sub-folder unchanged this long is removed"
+    )
 
 
 class CompletionSettings(_Model):
@@ -170,6 +176,43 @@ class RemoteNode(_Model):
     _v_ae = field_validator("ae_title")(_check_ae)
 
 
+class BrokerSettings(_Model):
+    """Job transport. ``embedded`` runs an in-process broker and worker threads inside
+    ``dicomnode serve``; a redis:// or amqp:// URL lets ``dicomnode worker`` processes share it."""
+
+    url: str = "embedded"
+    worker_threads: int = Field(2, ge=1, le=64)
+    namespace: str = Field("dicomnode", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+    @field_validator("url")
+    @classmethod
+    def _v_url(cls, value: str) -> str:
+        if value != "embedded" and not re.match(r"^(redis|rediss|amqp|amqps)://", value):
+            raise ValueError(
+                f"{value!r} is not a broker: use embedded, redis://127.0.0.1:6379/0 "
+                "or amqp://guest:guest@127.0.0.1:5672/"
+            )
+        return value
+
+
+class JobSettings(_Model):
+    """Retries of jobs (seconds)."""
+
+    max_attempts: int = Field(3, ge=1, le=100)
+    retry_seconds: float = Field(10.0, ge=0)
+    lease_seconds: float = Field(3600.0, gt=0, description="a running job is another's after")
+
+
+class DeliverySettings(_Model):
+    """The C-STORE outbox: retries with exponential back-off (seconds)."""
+
+    max_attempts: int = Field(10, ge=1, le=1000)
+    retry_seconds: float = Field(5.0, ge=0)
+    retry_max_seconds: float = Field(600.0, ge=0)
+    timeout: float = Field(30.0, gt=0, description="association and DIMSE timeout")
+    lease_seconds: float = Field(900.0, gt=0)
+
+
 class LoggingSettings(_Model):
     """Logging; patient identifiers stay out of logs unless allowed."""
 
@@ -189,6 +232,9 @@ class Settings(_Model):
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     rules: list[Rule] = Field(default_factory=list)
     rules_dir: Path | None = None
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    jobs: JobSettings = Field(default_factory=JobSettings)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     source: str = Field("<defaults>", exclude=True)
 
 

@@ -106,7 +106,9 @@ def test_embedded_default_keeps_all_state_in_one_folder(tmp_path: Path) -> None:
     assert all(w.path.is_relative_to(root) for w in settings.watch)
 
 
-def test_config_check_command_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_config_check_command_exit_codes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["config", "check", str(REPO / "config" / "dicomnode.yaml")]) == EXIT["ok"]
     bad = _write(tmp_path, "nodes: {PACS: {ae_title: PACS, host: h, port: 0}}\n")
     assert main(["config", "check", str(bad)]) == EXIT["config"]

@@ -1,0 +1,84 @@
+"""Real DICOM peers for tests: DCMTK storescp on a free loopback port, stopped by PID."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from pathlib import Path
+
+import pydicom
+
+from tests.conftest import require_tool, wait_for
+
+__all__ = ["StoreSCP", "free_port", "received"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class StoreSCP:
+    """DCMTK storescp writing what it receives into ``folder``."""
+
+    def __init__(self, folder: Path, ae_title: str = "DEST", port: int | None = None) -> None:
+        self.folder = folder
+        self.ae_title = ae_title
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> StoreSCP:
+        exe = require_tool("storescp")
+        log = (self.folder.parent / f"{self.ae_title}.log").open("wb")
+        self.proc = subprocess.Popen(
+            [
+                exe,
+                "-aet",
+                self.ae_title,
+                "-od",
+                str(self.folder),
+                "--accept-all",
+                "-v",
+                str(self.port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+
+        def listening() -> bool:
+            assert self.proc is not None
+            assert self.proc.poll() is None, "storescp exited"
+            with socket.socket() as sock:
+                return sock.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_for(listening, 10, what=f"storescp on {self.port}")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.folder.iterdir() if p.is_file())
+
+
+def received(folder: Path) -> dict[str, bytes]:
+    """SOP Instance UID -> the dataset bytes (after the file meta) of every file in a folder."""
+    out = {}
+    for path in sorted(folder.iterdir()):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        data = path.read_bytes()
+        out[str(ds.SOPInstanceUID)] = data[_dataset_offset(data) :]
+    return out
+
+
+def _dataset_offset(data: bytes) -> int:
+    """Where the dataset starts after preamble, DICM and the group 0002 elements."""
+    assert data[128:132] == b"DICM"
+    group_length = int.from_bytes(data[140:144], "little")
+    return 144 + group_length
