@@ -210,7 +210,7 @@ class DeliverySettings(_Model):
     retry_seconds: float = Field(5.0, ge=0)
     retry_max_seconds: float = Field(600.0, ge=0)
     timeout: float = Field(30.0, gt=0, description="association and DIMSE timeout")
-    lease_seconds: float = Field(900.0, gt=0)
+    lease_seconds: float = Field(120.0, gt=0, description="renewed with every instance sent")
 
 
 class LoggingSettings(_Model):

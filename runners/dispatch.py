@@ -44,7 +44,7 @@ class Dispatcher:
             self.worker.start()
         for study_pk, version in self.unrouted():
             self._enqueue(self.router.route(study_pk, version))
-        self.tasks.reconcile()
+        self.tasks.reconcile(own_all=self.settings.broker.url == "embedded")
         self._thread = threading.Thread(target=self._sweep, name="dispatch-sweep", daemon=True)
         self._thread.start()
 

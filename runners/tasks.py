@@ -83,7 +83,7 @@ class Tasks:
             session.execute(update(model).where(model.id == row_id).values(enqueued_at=utcnow()))
             session.commit()
 
-    def reconcile(self, *, expired_only: bool = False) -> tuple[int, int]:
+    def reconcile(self, *, expired_only: bool = False, own_all: bool = False) -> tuple[int, int]:
         """Enqueue jobs and deliveries that should be moving; returns how many of each.
 
         At start (``expired_only`` False): every queued job and pending delivery (their
@@ -92,6 +92,8 @@ class Tasks:
         of a worker that died) and rows no message was ever sent for.
         """
         now = utcnow()
+        if own_all:
+            self._release_all_leases()
         job_expired = and_(
             Job.state == JobState.RUNNING, or_(Job.lease_until.is_(None), Job.lease_until < now)
         )
@@ -123,6 +125,22 @@ class Tasks:
                 "reconciled: %d job(s) and %d delivery(ies) enqueued", len(jobs), len(deliveries)
             )
         return len(jobs), len(deliveries)
+
+    def _release_all_leases(self) -> None:
+        """With the embedded broker nothing else can be running this node's work: whatever is
+        marked running or sending was cut off by a stop or crash and is taken up again."""
+        with Session(self.engine) as session:
+            session.execute(
+                update(Job)
+                .where(Job.state == JobState.RUNNING)
+                .values(state=JobState.QUEUED, lease_until=None)
+            )
+            session.execute(
+                update(Delivery)
+                .where(Delivery.state == DeliveryState.SENDING)
+                .values(state=DeliveryState.PENDING, lease_until=None)
+            )
+            session.commit()
 
     # --- jobs ----------------------------------------------------------------------------
 
@@ -355,7 +373,7 @@ class Tasks:
                 [item for item, _ in items],
                 calling_ae=self.settings.node.ae_title,
                 timeout=self.settings.delivery.timeout,
-                on_status=lambda out, status: self._record_item(out.key, status),
+                on_status=lambda out, status: self._record_item(delivery.id, out.key, status),
             )
             failed = {k: s for k, s in statuses.items() if not is_delivered_status(s)}
             if failed:
@@ -392,13 +410,21 @@ class Tasks:
                 for item_id, inst in rows
             ]
 
-    def _record_item(self, item_id: int, status: int | None) -> None:
-        # One commit per acknowledged instance: after a crash nothing acknowledged is resent.
+    def _record_item(self, delivery_id: int, item_id: int, status: int | None) -> None:
+        # One commit per acknowledged instance, so after a crash nothing acknowledged is sent
+        # again; the same commit renews the sender's lease.
+        now = utcnow()
+        lease = now + timedelta(seconds=self.settings.delivery.lease_seconds)
         with Session(self.engine) as session:
             values: dict[str, Any] = {"status": status}
             if is_delivered_status(status):
-                values["delivered_at"] = utcnow()
+                values["delivered_at"] = now
             session.execute(update(DeliveryItem).where(DeliveryItem.id == item_id).values(**values))
+            session.execute(
+                update(Delivery)
+                .where(Delivery.id == delivery_id, Delivery.state == DeliveryState.SENDING)
+                .values(lease_until=lease, updated_at=now)
+            )
             session.commit()
 
     def _settle_delivery(self, delivery: Delivery, error: str | None) -> None:
