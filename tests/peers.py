@@ -82,3 +82,81 @@ def _dataset_offset(data: bytes) -> int:
     assert data[128:132] == b"DICM"
     group_length = int.from_bytes(data[140:144], "little")
     return 144 + group_length
+
+
+class Orthanc:
+    """A real Orthanc PACS with its own config, storage and ports; stopped by PID.
+
+    Orthanc 1.10 cannot bind to one address, so it gets unused ports and tests only ever
+    reach it on 127.0.0.1; its HTTP API refuses remote access.
+    """
+
+    def __init__(self, folder: Path, ae_title: str = "ORTHANC") -> None:
+        self.folder = folder
+        self.ae_title = ae_title
+        self.port = free_port()
+        self.http_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> Orthanc:
+        import json
+
+        exe = require_tool("Orthanc")
+        config = {
+            "Name": "dicomnode-test",
+            "StorageDirectory": str(self.folder / "storage"),
+            "IndexDirectory": str(self.folder / "index"),
+            "DicomAet": self.ae_title,
+            "DicomPort": self.port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "UnknownSopClassAccepted": True,
+            "Plugins": [],
+            "StorageCompression": False,
+            "OverwriteInstances": True,
+        }
+        path = self.folder / "orthanc.json"
+        path.write_text(json.dumps(config))
+        log = (self.folder / "orthanc.log").open("wb")
+        self.proc = subprocess.Popen([exe, str(path)], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+
+        def ready() -> bool:
+            assert self.proc is not None
+            assert self.proc.poll() is None, (self.folder / "orthanc.log").read_text()
+            try:
+                self.api("/system")
+            except OSError:
+                return False
+            return True
+
+        wait_for(ready, 30, what="Orthanc to start")
+        return self
+
+    def api(self, path: str) -> bytes:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as r:
+            data: bytes = r.read()
+            return data
+
+    def instances(self) -> dict[str, bytes]:
+        """SOP Instance UID -> dataset bytes of every instance Orthanc holds."""
+        import io
+        import json
+
+        out = {}
+        for oid in json.loads(self.api("/instances")):
+            data = self.api(f"/instances/{oid}/file")
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            out[str(ds.SOPInstanceUID)] = data[_dataset_offset(data) :]
+        return out
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=20)
+        self.proc = None

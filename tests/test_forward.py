@@ -9,7 +9,7 @@ from pydicom.uid import generate_uid
 
 from tests.conftest import storescu, wait_for
 from tests.dicomgen import make_series, write_series
-from tests.peers import StoreSCP, free_port, received
+from tests.peers import Orthanc, StoreSCP, free_port, received
 
 
 def _rules(dest: StoreSCP, origin_port: int) -> dict:
@@ -124,3 +124,30 @@ def test_unmatched_study_is_recorded_and_kept(make_node, tmp_path: Path) -> None
     assert routing[0]["outcome"] == "unmatched"
     assert any("Modality is 'PT', not equals 'CT'" in line for line in routing[0]["explanation"])
     assert len(node.storage_files()) == 2
+
+
+def test_ct_study_reaches_storescp_and_orthanc_and_mr_reaches_neither(
+    make_node, tmp_path: Path
+) -> None:
+    dest = StoreSCP(tmp_path / "dest", "DEST").start()
+    pacs = Orthanc(tmp_path / "orthanc").start()
+    try:
+        config = _rules(dest, free_port())
+        config["nodes"]["PACS"] = {
+            "ae_title": pacs.ae_title,
+            "host": "127.0.0.1",
+            "port": pacs.port,
+        }
+        config["rules"][0]["destinations"] = ["DEST", "PACS"]
+        node = make_node(**config)
+        study = generate_uid()
+        ct = write_series(tmp_path / "ct", make_series(6, modality="CT", study_uid=study, seed=7))
+        mr = write_series(tmp_path / "mr", make_series(4, modality="MR", seed=8))
+        storescu(node.port, ct + mr)
+        wait_for(lambda: len(pacs.instances()) == 6 and len(dest.files()) == 6, 30, what="both")
+        sent = received(tmp_path / "ct")
+        assert pacs.instances() == sent
+        assert received(dest.folder) == sent
+    finally:
+        dest.stop()
+        pacs.stop()
