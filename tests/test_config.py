@@ -117,3 +117,12 @@ def test_config_check_command_exit_codes(
     missing = tmp_path / "absent.yaml"
     assert main(["config", "check", str(missing)]) == EXIT["config"]
     assert "cannot read configuration" in capsys.readouterr().err
+
+
+def test_readme_rules_example_is_a_valid_configuration(tmp_path: Path) -> None:
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Routing rules", 1)[1]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    settings = load_settings(_write(tmp_path, example))
+    assert [r.name for r in settings.rules] == ["ct-to-pacs-and-back", "brain-tumour", "no-scouts"]
+    assert settings.rules[1].inputs is not None and len(settings.rules[1].inputs) == 4
