@@ -13,6 +13,7 @@ import struct
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,12 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset, read_preamble
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from dicomnode.errors import QuarantinedError, StorageError
+from dicomnode.headerscan import HeaderScanner, NotHandled
 from storage.db import utcnow
 from storage.filestore import FileStore
 from storage.models import Instance, QuarantineRecord, Series, Study, StudyState
@@ -124,8 +126,18 @@ def _stop_after_header(tag: BaseTag, _vr: str | None, _length: int) -> bool:
     return int(tag) >= _MAX_HEADER_TAG
 
 
-def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
+# Header values: a pydicom Dataset, or the keyword -> text mapping of the fast reader.
+_Values = Dataset | dict[str, str]
+
+
+def _text(ds: _Values, keyword: str, limit: int) -> str | None:
     """A header value as bounded text; undecodable values fall back to their raw bytes."""
+    if isinstance(ds, dict):
+        scanned = ds.get(keyword)
+        if not scanned:
+            return None
+        scanned = scanned.replace("\x00", "").strip()
+        return scanned[:limit] or None
     try:
         elem = ds[keyword]
     except KeyError:
@@ -149,7 +161,7 @@ def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
     return text[:limit] or None
 
 
-def _extra(ds: Dataset) -> dict[str, Any]:
+def _extra(ds: _Values) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for kw in _SERIES_EXTRA:
         if kw == "ReferencedStudySequence":
@@ -160,7 +172,7 @@ def _extra(ds: Dataset) -> dict[str, Any]:
     return out
 
 
-def _int(ds: Dataset, keyword: str) -> int | None:
+def _int(ds: _Values, keyword: str) -> int | None:
     text = _text(ds, keyword, 16)
     if text is None:
         return None
@@ -170,7 +182,7 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-def _header_from(ds: Dataset, reason_prefix: str) -> _Header:
+def _header_from(ds: _Values, reason_prefix: str) -> _Header:
     uids = {}
     for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
         value = _text(ds, kw, 1000)
@@ -203,6 +215,31 @@ def _parse_dataset(data: bytes | memoryview, transfer_syntax: str) -> Dataset:
     )
 
 
+_SCANNER = HeaderScanner(
+    [
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "SOPInstanceUID",
+        "SOPClassUID",
+        "InstanceNumber",
+        "SeriesNumber",
+        *(kw for kw, _ in _STUDY_FIELDS.values()),
+        *(kw for kw, _ in _SERIES_FIELDS.values()),
+        *(kw for kw in _SERIES_EXTRA if kw != "ReferencedStudySequence"),
+    ],
+    _MAX_HEADER_TAG,
+)
+
+
+def _read_header(data: bytes | memoryview, transfer_syntax: str) -> _Header:
+    """The index header of a dataset: the fast reader for plain data, pydicom otherwise."""
+    try:
+        values = _SCANNER.scan(data, transfer_syntax)
+    except NotHandled:
+        return _header_from(_parse_dataset(data, transfer_syntax), "")
+    return _header_from(values, "")
+
+
 def _element(tag: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
     if len(value) % 2:
         value += pad
@@ -228,6 +265,55 @@ def file_meta_bytes(sop_class: str, sop_uid: str, transfer_syntax: str, source_a
     return b"\x00" * 128 + b"DICM" + group_length + body
 
 
+# Statements of the per-instance path, built once: building a Core statement (values(),
+# where(), its cache key) costs more CPU than executing it. Only parameters change per instance.
+_FIND_INSTANCE = select(Instance.id, Instance.study_pk).where(
+    Instance.sop_instance_uid == bindparam("b_sop_uid")
+)
+_COUNT_INSTANCE_DUPLICATE = (
+    update(Instance)
+    .where(Instance.id == bindparam("b_pk"))
+    .values(duplicates=Instance.duplicates + 1)
+)
+_COUNT_STUDY_DUPLICATE = (
+    update(Study).where(Study.id == bindparam("b_pk")).values(duplicates=Study.duplicates + 1)
+)
+# The known-study path: one more instance for a study that is still receiving. The state test
+# and the counter update are one statement, so the completion monitor cannot complete the
+# version in between; a study that completed meanwhile matches no row and takes the full path,
+# which re-opens it as a new version.
+_ADD_TO_RECEIVING_STUDY = (
+    update(Study)
+    .where(
+        Study.id == bindparam("b_pk"),
+        Study.study_instance_uid == bindparam("b_uid"),
+        Study.state == StudyState.RECEIVING,
+    )
+    .values(
+        instances=Study.instances + 1,
+        size_bytes=Study.size_bytes + bindparam("b_size"),
+        last_received_at=bindparam("b_now"),
+        last_activity_at=bindparam("b_now"),
+    )
+    .returning(Study.version)
+)
+_ADD_TO_SERIES = (
+    update(Series)
+    .where(Series.id == bindparam("b_pk"), Series.series_instance_uid == bindparam("b_uid"))
+    .values(
+        instances=Series.instances + 1,
+        size_bytes=Series.size_bytes + bindparam("b_size"),
+        last_received_at=bindparam("b_now"),
+    )
+)
+_INSERT_INSTANCE = insert(Instance)
+_KNOWN_SERIES_LIMIT = 10000
+
+
+class _NotKnown(Exception):
+    """The cached study/series rows do not take this instance; use the full path."""
+
+
 def _upsert(model: type[Study] | type[Series], dialect: str) -> Any:
     """An INSERT that can take ON CONFLICT DO NOTHING on both supported databases."""
     if dialect == "postgresql":
@@ -243,6 +329,8 @@ class Ingestor:
         self.store = store
         self.log_identifiers = log_identifiers
         self._dialect = engine.dialect.name
+        # (study UID, series UID) -> (study pk, series pk) of rows this process indexed into.
+        self._known: dict[tuple[str, str], tuple[int, int]] = {}
 
     # --- entry points ------------------------------------------------------------------
 
@@ -260,8 +348,7 @@ class Ingestor:
         not be kept (disk, database).
         """
         try:
-            ds = _parse_dataset(dataset, transfer_syntax)
-            header = _header_from(ds, "")
+            header = _read_header(dataset, transfer_syntax)
             if header.sop_uid != sop_instance_uid:
                 raise ValueError(
                     f"SOP Instance UID in the dataset ({header.sop_uid}) differs from the "
@@ -276,9 +363,14 @@ class Ingestor:
         )
         return self._store(header, transfer_syntax, (meta, dataset), source)
 
-    def ingest_file(self, path: Path, source: Source) -> IngestResult:
-        """Ingest a DICOM Part 10 file (or a bare dataset) from disk, stored as it is."""
-        data = path.read_bytes()
+    def ingest_file(self, path: Path, source: Source, data: bytes | None = None) -> IngestResult:
+        """Ingest a DICOM Part 10 file (or a bare dataset) from disk, stored as it is.
+
+        ``data``, when given, is the file's content already read by the caller (the folder
+        watcher reads through a descriptor that does not follow symbolic links).
+        """
+        if data is None:
+            data = path.read_bytes()
         try:
             ds, transfer_syntax = _parse_file(data)
             header = _header_from(ds, "")
@@ -287,9 +379,13 @@ class Ingestor:
             raise self._quarantine((data,), reason, source, original=str(path)) from exc
         return self._store(header, transfer_syntax, (data,), source)
 
-    def quarantine_file(self, path: Path, reason: str, source: Source) -> None:
+    def quarantine_file(
+        self, path: Path, reason: str, source: Source, data: bytes | None = None
+    ) -> None:
         """Move a file that is not to be stored into quarantine; always raises QuarantinedError."""
-        raise self._quarantine((path.read_bytes(),), reason, source, original=str(path))
+        if data is None:
+            data = path.read_bytes()
+        raise self._quarantine((data,), reason, source, original=str(path))
 
     def touch(self, study_uids: Iterable[str]) -> None:
         """Restart the quiet period of these studies (an association that sent them ended)."""
@@ -372,23 +468,52 @@ class Ingestor:
 
     def _count_duplicate(self, sop_uid: str) -> bool:
         with self.engine.connect() as conn:
-            row = conn.execute(
-                select(Instance.id, Instance.study_pk).where(Instance.sop_instance_uid == sop_uid)
-            ).first()
+            row = conn.execute(_FIND_INSTANCE, {"b_sop_uid": sop_uid}).first()
             if row is None:
                 return False
-            conn.execute(
-                update(Instance)
-                .where(Instance.id == row.id)
-                .values(duplicates=Instance.duplicates + 1)
-            )
-            conn.execute(
-                update(Study)
-                .where(Study.id == row.study_pk)
-                .values(duplicates=Study.duplicates + 1)
-            )
+            conn.execute(_COUNT_INSTANCE_DUPLICATE, {"b_pk": row.id})
+            conn.execute(_COUNT_STUDY_DUPLICATE, {"b_pk": row.study_pk})
             conn.commit()
             return True
+
+    def _index_known(
+        self, header: _Header, instance: dict[str, Any], size: int, now: datetime
+    ) -> bool:
+        """Index an instance of a series this process indexed into before, in three statements
+        (the study and series rows exist). False when they no longer take it: the study
+        completed meanwhile (it must be re-opened as a new version) or the rows are gone."""
+        key = (header.study_uid, header.series_uid)
+        pks = self._known.get(key)
+        if pks is None:
+            return False
+        study_pk, series_pk = pks
+        try:
+            with self.engine.begin() as conn:
+                version = conn.execute(
+                    _ADD_TO_RECEIVING_STUDY,
+                    {"b_pk": study_pk, "b_uid": header.study_uid, "b_size": size, "b_now": now},
+                ).scalar()
+                if version is None:
+                    raise _NotKnown
+                added = conn.execute(
+                    _ADD_TO_SERIES,
+                    {"b_pk": series_pk, "b_uid": header.series_uid, "b_size": size, "b_now": now},
+                )
+                if added.rowcount != 1:
+                    raise _NotKnown
+                conn.execute(
+                    _INSERT_INSTANCE,
+                    {
+                        **instance,
+                        "study_pk": study_pk,
+                        "series_pk": series_pk,
+                        "study_version": version,
+                    },
+                )
+        except _NotKnown:
+            self._known.pop(key, None)
+            return False
+        return True
 
     def _index(
         self, header: _Header, transfer_syntax: str, relative: str, size: int, source: Source
@@ -401,6 +526,19 @@ class Ingestor:
             "peer_address": source.peer_address,
             "source_folder": source.folder,
         }
+        instance = {
+            "sop_instance_uid": header.sop_uid,
+            "sop_class_uid": header.sop_class,
+            "transfer_syntax_uid": transfer_syntax,
+            "instance_number": header.instance_number,
+            "path": relative,
+            "size_bytes": size,
+            "received_at": now,
+            "duplicates": 0,
+            **src,
+        }
+        if self._index_known(header, instance, size, now):
+            return
         with self.engine.begin() as conn:
             conn.execute(
                 _upsert(Study, self._dialect)
@@ -419,10 +557,12 @@ class Ingestor:
                 )
                 .on_conflict_do_nothing(index_elements=["study_instance_uid"])
             )
+            # FOR UPDATE (PostgreSQL; SQLite already holds the write lock): the completion
+            # monitor must not complete this version between this read and the instance row.
             study = conn.execute(
-                select(Study.id, Study.state, Study.version).where(
-                    Study.study_instance_uid == header.study_uid
-                )
+                select(Study.id, Study.state, Study.version)
+                .where(Study.study_instance_uid == header.study_uid)
+                .with_for_update()
             ).one()
             version = study.version
             if study.state == StudyState.COMPLETE:
@@ -464,20 +604,13 @@ class Ingestor:
                 select(Series.id).where(Series.series_instance_uid == header.series_uid)
             ).scalar_one()
             conn.execute(
-                insert(Instance).values(
-                    study_pk=study.id,
-                    series_pk=series_pk,
-                    sop_instance_uid=header.sop_uid,
-                    sop_class_uid=header.sop_class,
-                    transfer_syntax_uid=transfer_syntax,
-                    instance_number=header.instance_number,
-                    path=relative,
-                    size_bytes=size,
-                    study_version=version,
-                    received_at=now,
-                    duplicates=0,
-                    **src,
-                )
+                _INSERT_INSTANCE,
+                {
+                    **instance,
+                    "study_pk": study.id,
+                    "series_pk": series_pk,
+                    "study_version": version,
+                },
             )
             conn.execute(
                 update(Study)
@@ -498,6 +631,9 @@ class Ingestor:
                     last_received_at=now,
                 )
             )
+        if len(self._known) >= _KNOWN_SERIES_LIMIT:
+            self._known.clear()
+        self._known[(header.study_uid, header.series_uid)] = (study.id, series_pk)
 
 
 def _parse_file(data: bytes) -> tuple[Dataset, str]:

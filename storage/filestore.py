@@ -26,10 +26,12 @@ _SAFE_UID = re.compile(r"^[0-9][0-9.]{0,63}$")
 def sanitize_uid(uid: str) -> str:
     """A UID as a safe file name; anything not a plain UID gets a hash suffix so two
     different untrusted values never map to the same name."""
-    if _SAFE_UID.match(uid) and ".." not in uid and not uid.endswith("."):
+    # fullmatch: ``match`` with ``$`` would let a trailing newline through into the name.
+    if _SAFE_UID.fullmatch(uid) and ".." not in uid and not uid.endswith("."):
         return uid
     cleaned = re.sub(r"[^0-9.]", "_", uid)[:40].strip(".") or "_"
-    digest = hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    # surrogatepass: any str (even a lone surrogate) hashes; distinct strings, distinct bytes.
+    digest = hashlib.sha256(uid.encode("utf-8", "surrogatepass")).hexdigest()[:16]
     return f"{cleaned}_{digest}"
 
 

@@ -1,0 +1,236 @@
+"""Is a DICOM file on disk complete, or is its writer still adding to it?
+
+The check walks element headers only (lengths, items, delimiters), never decoding values, so
+it costs a few hundred small reads however large the file. It is conservative: it reports a
+file as unfinished only when its own structure says data is missing (an element or item that
+runs past the end, a sequence never closed, a deflated stream that has not ended). Data it
+cannot make sense of is left to the ingest path to judge.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+__all__ = ["Unfinished", "unfinished"]
+
+_LONG_VRS = frozenset(
+    (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV")
+)
+_UNDEFINED = 0xFFFFFFFF
+_ITEM = 0xFFFEE000
+_ITEM_END = 0xFFFEE00D
+_SEQUENCE_END = 0xFFFEE0DD
+_MAX_DEPTH = 64
+_IMPLICIT_LE = "1.2.840.10008.1.2"
+_EXPLICIT_BE = "1.2.840.10008.1.2.2"
+_DEFLATED = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1")
+_ROWS = 0x00280010
+_PIXEL_TAGS = frozenset((0x7FE00008, 0x7FE00009, 0x7FE00010))
+
+
+@dataclass(frozen=True)
+class Unfinished:
+    """Why a file looks unfinished; ``certain`` is False when it is merely too short so far
+    (it could as well be a small file that is not DICOM at all)."""
+
+    reason: str
+    certain: bool = True
+
+
+class _Truncated(Exception):
+    pass
+
+
+class _Unknown(Exception):
+    pass
+
+
+def unfinished(data: bytes) -> Unfinished | None:
+    """Why ``data`` (a file's content) looks partly written, or None if it looks whole."""
+    if not data:
+        return Unfinished("the file is empty", certain=False)
+    try:
+        _check(memoryview(data), len(data))
+    except _TooShort as exc:
+        return Unfinished(str(exc), certain=False)
+    except _Truncated as exc:
+        return Unfinished(str(exc))
+    except (_Unknown, struct.error, zlib.error, IndexError, ValueError):
+        return None
+    return None
+
+
+def _check(buf: memoryview, size: int) -> None:
+    if size < 132:
+        if bytes(buf[128:size]) == b"DICM"[: max(0, size - 128)]:
+            raise _TooShort(size)
+        _check_bare(buf, size)
+        return
+    if bytes(buf[128:132]) != b"DICM":
+        _check_bare(buf, size)
+        return
+    pos, ts = _file_meta(buf, size)
+    if ts in _DEFLATED:
+        _check_deflated(buf[pos:])
+    else:
+        _dataset(buf, pos, size, explicit=ts != _IMPLICIT_LE, little=ts != _EXPLICIT_BE)
+
+
+def _dataset(buf: memoryview, pos: int, size: int, *, explicit: bool, little: bool) -> None:
+    """Walk the top-level dataset, then check that an image has its pixel data."""
+    if pos == size:
+        raise _Truncated("the file ends before any data")
+    if size - pos >= 8:
+        # Trust the data over the declared transfer syntax for VR, as pydicom does.
+        vr = bytes(buf[pos + 4 : pos + 6])
+        explicit = vr.isalpha() and vr.isupper()
+    tags: set[int] = set()
+    _walk(buf, pos, size, explicit=explicit, little=little, depth=0, in_item=False, tags=tags)
+    if _ROWS in tags and not tags & _PIXEL_TAGS:
+        # Possibly cut exactly before the pixel data; wait, but let the ingest path judge
+        # it if the writer says it is finished.
+        raise _TooShort(size, "image attributes but no pixel data (yet)")
+
+
+class _TooShort(_Truncated):
+    def __init__(self, size: int, why: str = "less than a DICOM file header") -> None:
+        super().__init__(f"only {size} bytes so far, {why}")
+
+
+def _check_bare(buf: memoryview, size: int) -> None:
+    """A dataset without preamble (old exports); same guess as the ingest path."""
+    if size < 8:
+        raise _TooShort(size)
+    group = struct.unpack_from("<H", buf, 0)[0]
+    if group not in (0x0002, 0x0008):
+        raise _Unknown
+    _dataset(buf, 0, size, explicit=True, little=True)
+
+
+def _file_meta(buf: memoryview, size: int) -> tuple[int, str]:
+    """Skip group 0002 (always explicit VR little endian); returns (end, transfer syntax)."""
+    pos = 132
+    ts = ""
+    while True:
+        if size - pos < 8:
+            raise _Truncated("the file ends inside the file meta information")
+        group, element = struct.unpack_from("<HH", buf, pos)
+        if group != 0x0002:
+            return pos, ts
+        vr = bytes(buf[pos + 4 : pos + 6])
+        if vr in _LONG_VRS:
+            if size - pos < 12:
+                raise _Truncated("the file ends inside the file meta information")
+            length = struct.unpack_from("<I", buf, pos + 8)[0]
+            pos += 12
+        else:
+            length = struct.unpack_from("<H", buf, pos + 6)[0]
+            pos += 8
+        if length == _UNDEFINED:
+            raise _Unknown
+        if length > size - pos:
+            raise _Truncated("the file ends inside the file meta information")
+        if element == 0x0010:
+            ts = bytes(buf[pos : pos + length]).decode("ascii", "replace").strip("\x00 ")
+        pos += length
+        if pos == size:
+            raise _Truncated("the file ends after the file meta information, before any data")
+
+
+def _check_deflated(data: memoryview) -> None:
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    step = 1 << 20
+    for start in range(0, len(data), step):
+        chunk = bytes(data[start : start + step])
+        while chunk and not inflater.eof:
+            inflater.decompress(chunk, step)  # output is not needed, only where it ends
+            chunk = inflater.unconsumed_tail
+        if inflater.eof:
+            return
+    raise _Truncated("the deflated data stream ends before its end marker")
+
+
+def _walk(
+    buf: memoryview,
+    pos: int,
+    end: int,
+    *,
+    explicit: bool,
+    little: bool,
+    depth: int,
+    in_item: bool,
+    tags: set[int] | None = None,
+) -> int:
+    """Skip the elements of a dataset; returns the position after it (after the item
+    delimiter when ``in_item``). ``tags`` collects the tags seen at this level."""
+    order = "<" if little else ">"
+    while pos < end:
+        if end - pos < 8:
+            raise _Truncated(f"the file ends inside an element header at byte {pos}")
+        group, element = struct.unpack_from(order + "HH", buf, pos)
+        tag = group << 16 | element
+        if tags is not None:
+            tags.add(tag)
+        if tag == _ITEM_END:
+            if not in_item:
+                raise _Unknown
+            return pos + 8
+        if group == 0xFFFE:
+            raise _Unknown
+        vr = b""
+        if explicit:
+            vr = bytes(buf[pos + 4 : pos + 6])
+            if vr in _LONG_VRS:
+                if end - pos < 12:
+                    raise _Truncated(f"the file ends inside an element header at byte {pos}")
+                length = struct.unpack_from(order + "I", buf, pos + 8)[0]
+                pos += 12
+            elif vr.isalpha() and vr.isupper():
+                length = struct.unpack_from(order + "H", buf, pos + 6)[0]
+                pos += 8
+            else:
+                raise _Unknown
+        else:
+            length = struct.unpack_from(order + "I", buf, pos + 4)[0]
+            pos += 8
+        if length == _UNDEFINED:
+            # A sequence or encapsulated pixel data; UN of undefined length is implicit VR.
+            pos = _items(
+                buf, pos, end, explicit=explicit and vr != b"UN", little=little, depth=depth + 1
+            )
+        elif length > end - pos:
+            raise _Truncated(
+                f"element ({group:04X},{element:04X}) needs {length} bytes "
+                f"but the file ends {end - pos} bytes later"
+            )
+        else:
+            pos += length
+    if in_item:
+        raise _Truncated("the file ends inside a sequence item")
+    return pos
+
+
+def _items(buf: memoryview, pos: int, end: int, *, explicit: bool, little: bool, depth: int) -> int:
+    if depth > _MAX_DEPTH:
+        raise _Unknown
+    order = "<" if little else ">"
+    while True:
+        if end - pos < 8:
+            raise _Truncated("the file ends inside a sequence that was never closed")
+        group, element, length = struct.unpack_from(order + "HHI", buf, pos)
+        tag = group << 16 | element
+        pos += 8
+        if tag == _SEQUENCE_END:
+            return pos
+        if tag != _ITEM:
+            raise _Unknown
+        if length == _UNDEFINED:
+            pos = _walk(buf, pos, end, explicit=explicit, little=little, depth=depth, in_item=True)
+        elif length > end - pos:
+            raise _Truncated(
+                f"a sequence item needs {length} bytes but the file ends {end - pos} bytes later"
+            )
+        else:
+            pos += length
