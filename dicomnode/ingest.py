@@ -27,6 +27,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from dicomnode.errors import QuarantinedError, StorageError
 from dicomnode.headerscan import HeaderScanner, NotHandled
+from dicomnode.partial import unfinished
 from storage.db import utcnow
 from storage.filestore import FileStore
 from storage.models import Instance, QuarantineRecord, Series, Study, StudyState
@@ -354,6 +355,12 @@ class Ingestor:
                     f"SOP Instance UID in the dataset ({header.sop_uid}) differs from the "
                     f"C-STORE request ({sop_instance_uid})"
                 )
+            # The header is read only up to group 0x0029: a dataset cut short after it (a
+            # sender's truncated file) must not be acknowledged as stored.
+            probe = file_meta_bytes(sop_class_uid, sop_instance_uid, transfer_syntax, "")
+            cut = unfinished(b"".join((probe, dataset)))
+            if cut is not None and cut.certain:
+                raise ValueError(f"the dataset is truncated: {cut.reason}")
         except Exception as exc:  # any parse failure means the data is unusable as sent
             meta = file_meta_bytes(sop_class_uid, sop_instance_uid, transfer_syntax, "")
             reason = f"cannot index dataset: {_describe(exc)}"

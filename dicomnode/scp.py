@@ -18,6 +18,7 @@ from typing import Any, cast
 from pynetdicom import AE, _config, evt
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
+from dicomnode import _pynetdicom_fast
 from dicomnode.errors import QuarantinedError, StorageError
 from dicomnode.ingest import Ingestor, Source
 from dicomnode.settings import NodeSettings
@@ -102,6 +103,7 @@ class _Handler(RequestHandler):
 
     def _create_association(self) -> Any:
         assoc = super()._create_association()
+        _pynetdicom_fast.install(assoc)
         scp: StoreSCP = cast(Any, self.server).dicomnode_scp
         peer = str(self.client_address[0])
         acse = assoc.acse
@@ -225,7 +227,10 @@ class StoreSCP:
         if stats is None:
             return
         if stats.outcome == "open":
-            stats.outcome = "connection closed"
+            # A peer's A-ABORT closes the connection before the association thread reports
+            # EVT_ABORTED; the abort indication is already queued for it.
+            aborted = event.assoc.is_aborted or event.assoc.acse.is_aborted()
+            stats.outcome = "aborted" if aborted else "connection closed"
         seconds = time.monotonic() - stats.started
         logger.info(
             "association %s from %s to %s: %d stored, %d duplicate, %d failed, %d bytes, "
