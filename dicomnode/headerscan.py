@@ -216,9 +216,13 @@ _TEXT_VRS = {"AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "
 
 
 def _decode(value: bytes, vr: str, charset: str) -> str:
-    if value.isascii() and b"\x1b" not in value:
+    if vr not in _CHARSET_VRS:
+        return value.decode("latin-1")  # pydicom's default for these VRs, any character set
+    if b"\x1b" in value:
+        raise NotHandled("ISO 2022 escape sequence")  # pydicom switches character sets
+    if value.isascii():
         return value.decode("ascii")
-    if vr not in _CHARSET_VRS or charset in _LATIN1_CHARSETS:
+    if charset in _LATIN1_CHARSETS:
         return value.decode("latin-1")
     raise NotHandled(f"non-ASCII text in character set {charset!r}")
 
