@@ -65,11 +65,9 @@ class CompletionMonitor:
                     Study.study_instance_uid,
                     Study.version,
                     Study.instances,
-                    Study.last_activity_at,
                 ).where(Study.state == StudyState.RECEIVING, due)
             ).all()
         for row in rows:
-            reason = "settled" if row.last_activity_at <= settled else "forced"
             with self.engine.begin() as conn:
                 claimed = conn.execute(
                     update(Study)
@@ -85,6 +83,12 @@ class CompletionMonitor:
                 ).rowcount
                 if claimed != 1:
                     continue  # another instance arrived meanwhile, or another checker won
+                # The reason from the claimed row: an instance may have arrived since the
+                # first read, leaving the version due only by the force timeout.
+                last_activity = conn.execute(
+                    select(Study.last_activity_at).where(Study.id == row.id)
+                ).scalar_one()
+                reason = "settled" if last_activity <= settled else "forced"
                 total, in_version = conn.execute(
                     select(
                         func.count(Instance.id),
