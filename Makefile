@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA ?= ./dicomnode-data
 PORT ?= 11112
-DEBIAN_PACKAGES := dcmtk dicom3tools redis-server orthanc
+DEBIAN_PACKAGES := dcmtk dicom3tools redis-server orthanc rabbitmq-server
 
 .PHONY: run test venv test-deps system-deps lint typecheck pytest bench clean
 

@@ -39,7 +39,8 @@ def _setup_logging(level: str) -> None:
                 "stderr": {"class": "logging.StreamHandler", "formatter": "plain"},
             },
             "root": {"level": level, "handlers": ["stderr"]},
-            "loggers": {"pynetdicom": {"level": "WARNING"}},
+            # pika (RabbitMQ) logs every connection and channel at INFO
+            "loggers": {"pynetdicom": {"level": "WARNING"}, "pika": {"level": "WARNING"}},
         }
     )
 
@@ -445,6 +446,9 @@ def _quarantine(settings: Settings, as_json: bool) -> int:
 def _echo(settings: Settings, target: str, ae: str | None, timeout: float) -> int:
     from pynetdicom import AE
 
+    from dicomnode.deliver import describe_failure, tls_args
+    from dicomnode.settings import RemoteNode
+
     if target in settings.nodes:
         remote = settings.nodes[target]
         host, port, called = remote.host, remote.port, remote.ae_title
@@ -458,13 +462,19 @@ def _echo(settings: Settings, target: str, ae: str | None, timeout: float) -> in
             )
             return EXIT["usage"]
         port, called = int(port_text), ae or "ANY-SCP"
+        try:
+            remote = RemoteNode(ae_title=called, host=host, port=port)
+        except ValueError as exc:  # pydantic's ValidationError: a bad port or AE title
+            print(f"dicomnode: {target!r}: {exc}", file=sys.stderr)
+            return EXIT["usage"]
     client = AE(ae_title=settings.node.ae_title)
     client.add_requested_context("1.2.840.10008.1.1")
     client.acse_timeout = client.network_timeout = client.dimse_timeout = timeout
-    assoc = client.associate(host, port, ae_title=called)
+    client.connection_timeout = timeout  # also bounds a TLS handshake
+    assoc = client.associate(host, port, ae_title=called, tls_args=tls_args(remote))
     if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "no answer"
-        print(f"C-ECHO {called}@{host}:{port}: association failed ({why})", file=sys.stderr)
+        why = describe_failure(remote, assoc, settings.node.ae_title, timeout)
+        print(f"C-ECHO {called}@{host}:{port}: association failed: {why}", file=sys.stderr)
         return EXIT["unreachable"]
     status = assoc.send_c_echo()
     assoc.release()

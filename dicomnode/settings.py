@@ -7,11 +7,20 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import ssl
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from dicomnode.errors import ConfigError
 from routing.rules import Rule
@@ -165,15 +174,79 @@ class CompletionSettings(_Model):
         return self
 
 
+_TLS_FILES = {
+    "tls_ca": "the CA certificate(s), PEM, that signed the peer's certificate",
+    "tls_cert": "our client certificate, PEM (its key may follow in the same file)",
+    "tls_key": "the private key, PEM, of tls_cert",
+}
+
+
 class RemoteNode(_Model):
-    """A peer in the node registry."""
+    """A peer in the node registry. With ``tls`` the association runs over TLS (1.2 or newer):
+    the peer's certificate is verified against ``tls_ca`` (the system CAs when unset) and, with
+    ``tls_verify_hostname``, must name ``host``; ``tls_cert``/``tls_key`` authenticate us."""
 
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
     tls: bool = False
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_verify_hostname: bool = True
 
     _v_ae = field_validator("ae_title")(_check_ae)
+
+    @field_validator("tls_ca", "tls_cert", "tls_key")
+    @classmethod
+    def _v_tls_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is not None and not value.is_file():
+            what = _TLS_FILES[info.field_name or ""]
+            state = "is not a file" if value.exists() else "does not exist"
+            raise ValueError(f"{value} {state}: put {what} there, or fix the path")
+        return value
+
+    @model_validator(mode="after")
+    def _v_tls(self) -> RemoteNode:
+        if not self.tls:
+            extra = [f for f in _TLS_FILES if getattr(self, f) is not None]
+            if extra:
+                raise ValueError(
+                    f"{', '.join(extra)} set but tls is false: set 'tls: true' to use TLS, "
+                    f"or remove {', '.join(extra)}"
+                )
+            return self
+        if self.tls_key is not None and self.tls_cert is None:
+            raise ValueError("tls_key is set without tls_cert: add the client certificate")
+        self.ssl_context()  # unreadable or mismatched PEM files fail at load, not at delivery
+        return self
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A client TLS context for this peer.
+
+        Raises ValueError naming the field whose file cannot be used.
+        """
+        try:
+            ctx = ssl.create_default_context(
+                ssl.Purpose.SERVER_AUTH, cafile=str(self.tls_ca) if self.tls_ca else None
+            )
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(
+                f"tls_ca {self.tls_ca}: cannot load CA certificates ({exc}); "
+                "use a PEM file with one or more certificates"
+            ) from exc
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.check_hostname = self.tls_verify_hostname
+        if self.tls_cert is not None:
+            try:
+                ctx.load_cert_chain(self.tls_cert, self.tls_key)
+            except (ssl.SSLError, OSError) as exc:
+                raise ValueError(
+                    f"tls_cert {self.tls_cert} / tls_key {self.tls_key}: cannot load the client "
+                    f"certificate ({exc}); use PEM files, the key unencrypted and matching the "
+                    "certificate"
+                ) from exc
+        return ctx
 
 
 class BrokerSettings(_Model):
@@ -303,6 +376,13 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
                 item["path"] = fix(item["path"])
     if isinstance(data.get("rules_dir"), str):
         data["rules_dir"] = fix(data["rules_dir"])
+    nodes = data.get("nodes")
+    if isinstance(nodes, dict):
+        for item in nodes.values():
+            if isinstance(item, dict):
+                for key in _TLS_FILES:
+                    if key in item:
+                        item[key] = fix(item[key])
     db = data.get("database")
     if isinstance(db, dict) and isinstance(db.get("url"), str):
         m = re.match(r"^(sqlite(?:\+\w+)?:///)([^/].*)$", db["url"])

@@ -4,6 +4,7 @@ embedded default. The broker is only transport: the database is the ledger."""
 from __future__ import annotations
 
 import logging
+from urllib.parse import urlsplit, urlunsplit
 
 import dramatiq
 from dramatiq.brokers.stub import StubBroker
@@ -47,5 +48,24 @@ def make_broker(url: str, namespace: str = "dicomnode") -> dramatiq.Broker:
             raise BrokerError(
                 "RabbitMQ needs the 'rabbitmq' extra: pip install 'dicomnode[rabbitmq]'"
             ) from exc
-        return RabbitmqBroker(url=url)
+        # Publisher confirms: an enqueue returns only once RabbitMQ has the message (and
+        # dramatiq re-declares a queue that was deleted under it).
+        broker = RabbitmqBroker(url=url, confirm_delivery=True)
+        try:
+            broker.connection  # noqa: B018  (connects; pika connects lazily otherwise)
+        except Exception as exc:
+            raise BrokerError(
+                f"cannot reach the RabbitMQ broker at {_redact(url)}: {exc!r} "
+                "(is rabbitmq-server running, are user, password and vhost right?)"
+            ) from exc
+        return broker
     raise BrokerError(f"unsupported broker URL {url!r}")
+
+
+def _redact(url: str) -> str:
+    """``url`` with its password replaced, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -5,12 +5,15 @@ worker holds under a lease, is left alone, so duplicate messages (reconciliation
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
 import dramatiq
-from sqlalchemy import Engine, and_, or_, select, update
+from sqlalchemy import Connection, Engine, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from dicomnode.deliver import DeliveryError, Outgoing, is_delivered_status, send_instances
@@ -33,6 +36,7 @@ __all__ = ["JobError", "Tasks"]
 logger = logging.getLogger(__name__)
 
 _PRIORITY = {"urgent": 0, "normal": 5, "low": 9}
+_SYNC_SECONDS = 0.1  # SQLite WAL fsync interval of delivery statuses, see _StatusLog
 
 
 class JobError(DicomNodeError):
@@ -365,16 +369,20 @@ class Tasks:
             logger.debug("delivery %d is not due or held by another sender", delivery_id)
             return
         items = self._pending_items(delivery.id)
-        remote = RemoteNode(ae_title=delivery.ae_title, host=delivery.host, port=delivery.port)
+        remote = self._remote(delivery)
         error: str | None = None
         try:
-            statuses = send_instances(
-                remote,
-                [item for item, _ in items],
-                calling_ae=self.settings.node.ae_title,
-                timeout=self.settings.delivery.timeout,
-                on_status=lambda out, status: self._record_item(delivery.id, out.key, status),
-            )
+            # One connection for the whole send: statuses are committed one by one on it.
+            with self.engine.connect() as conn, _StatusLog(conn) as log:
+                statuses = send_instances(
+                    remote,
+                    [item for item, _ in items],
+                    calling_ae=self.settings.node.ae_title,
+                    timeout=self.settings.delivery.timeout,
+                    on_status=lambda out, status: self._record_item(
+                        log, delivery.id, out.key, status
+                    ),
+                )
             failed = {k: s for k, s in statuses.items() if not is_delivered_status(s)}
             if failed:
                 shown = ", ".join(
@@ -387,6 +395,21 @@ class Tasks:
             logger.exception("delivery %d failed unexpectedly", delivery.id)
             error = f"{type(exc).__name__}: {exc}"
         self._settle_delivery(delivery, error)
+
+    def _remote(self, delivery: Delivery) -> RemoteNode:
+        """The outbox row's address with the TLS settings of its registry entry: by name, or
+        for ``origin`` the entry with its AE title (as ``resolve`` chose it)."""
+        address = {"ae_title": delivery.ae_title, "host": delivery.host, "port": delivery.port}
+        nodes = self.settings.nodes
+        if delivery.destination in nodes:
+            entry: RemoteNode | None = nodes[delivery.destination]
+        else:
+            same_ae = [n for n in nodes.values() if n.ae_title == delivery.ae_title]
+            exact = [n for n in same_ae if (n.host, n.port) == (delivery.host, delivery.port)]
+            entry = next(iter(exact + same_ae), None)
+        if entry is None:
+            return RemoteNode(**address)
+        return entry.model_copy(update=address)
 
     def _pending_items(self, delivery_id: int) -> list[tuple[Outgoing, int]]:
         with Session(self.engine) as session:
@@ -410,22 +433,25 @@ class Tasks:
                 for item_id, inst in rows
             ]
 
-    def _record_item(self, delivery_id: int, item_id: int, status: int | None) -> None:
-        # One commit per acknowledged instance, so after a crash nothing acknowledged is sent
-        # again; the same commit renews the sender's lease.
+    def _record_item(
+        self, log: _StatusLog, delivery_id: int, item_id: int, status: int | None
+    ) -> None:
+        # One commit per acknowledged instance, before the next is sent, so after a crash
+        # nothing acknowledged is sent again; the same commit renews the sender's lease.
+        # (Core statements on one held connection: the ORM session per instance cost as much
+        # as the commit's fsync.)
         now = utcnow()
         lease = now + timedelta(seconds=self.settings.delivery.lease_seconds)
-        with Session(self.engine) as session:
-            values: dict[str, Any] = {"status": status}
-            if is_delivered_status(status):
-                values["delivered_at"] = now
-            session.execute(update(DeliveryItem).where(DeliveryItem.id == item_id).values(**values))
-            session.execute(
+        values: dict[str, Any] = {"status": status}
+        if is_delivered_status(status):
+            values["delivered_at"] = now
+        with log.transaction() as conn:
+            conn.execute(update(DeliveryItem).where(DeliveryItem.id == item_id).values(**values))
+            conn.execute(
                 update(Delivery)
                 .where(Delivery.id == delivery_id, Delivery.state == DeliveryState.SENDING)
                 .values(lease_until=lease, updated_at=now)
             )
-            session.commit()
 
     def _settle_delivery(self, delivery: Delivery, error: str | None) -> None:
         now = utcnow()
@@ -471,6 +497,53 @@ class Tasks:
                 delay,
             )
             self.enqueue_delivery(delivery.id, delay)
+
+
+class _StatusLog:
+    """Per-instance status commits on one connection, with SQLite's WAL synced at most every
+    ``_SYNC_SECONDS``.
+
+    Trade-off: every commit is in the WAL before the next instance is sent, so a killed
+    process (or worker) resends at most the instance in flight. Only the WAL fsync is spread
+    out: after a power loss or OS crash the last ``_SYNC_SECONDS`` of statuses may be lost and
+    those instances sent again (duplicates, never losses). The delivery is counted by a later
+    commit with ``synchronous=FULL``, whose fsync makes every earlier status durable first.
+    The fsync per instance was the largest cost of forwarding (0.5-1.3 ms of ~3 ms here).
+    Other databases commit as they are configured.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.sqlite = conn.dialect.name == "sqlite"
+        self.synced = time.monotonic()
+
+    def __enter__(self) -> _StatusLog:
+        if self.sqlite:
+            self.conn.exec_driver_sql("PRAGMA synchronous=NORMAL")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.sqlite:
+            self.conn.rollback()
+            self.conn.exec_driver_sql("PRAGMA synchronous=FULL")  # as storage.db sets it
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """Statements run in the block are committed at its end."""
+        sync = self.sqlite and time.monotonic() - self.synced >= _SYNC_SECONDS
+        if sync:  # set outside the transaction: this commit fsyncs the WAL
+            self.conn.exec_driver_sql("PRAGMA synchronous=FULL")
+        try:
+            yield self.conn
+            self.conn.commit()
+        except BaseException:
+            self.conn.rollback()
+            raise
+        finally:
+            if sync:
+                self.conn.exec_driver_sql("PRAGMA synchronous=NORMAL")
+                self.conn.commit()
+                self.synced = time.monotonic()
 
 
 def _delay(when: datetime | None, now: datetime) -> float:

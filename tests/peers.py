@@ -20,12 +20,20 @@ def free_port() -> int:
 
 
 class StoreSCP:
-    """DCMTK storescp writing what it receives into ``folder``."""
+    """DCMTK storescp writing what it receives into ``folder``; ``args`` are added to its
+    command line (e.g. ``+tls KEY CERT``)."""
 
-    def __init__(self, folder: Path, ae_title: str = "DEST", port: int | None = None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        ae_title: str = "DEST",
+        port: int | None = None,
+        args: list[str] | None = None,
+    ) -> None:
         self.folder = folder
         self.ae_title = ae_title
         self.port = port or free_port()
+        self.args = list(args or [])
         self.proc: subprocess.Popen[bytes] | None = None
         folder.mkdir(parents=True, exist_ok=True)
 
@@ -41,6 +49,7 @@ class StoreSCP:
                 str(self.folder),
                 "--accept-all",
                 "-v",
+                *self.args,
                 str(self.port),
             ],
             stdout=log,
