@@ -299,7 +299,9 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
         args.threads or settings.broker.worker_threads,
         f", GPU {args.gpu}" if args.gpu is not None else "",
     )
-    done.wait()
+    from dicomnode.service import wait_interruptibly
+
+    wait_interruptibly(done)
     worker.stop()
     broker.close()
     return EXIT["ok"]

@@ -24,7 +24,7 @@ from runners.dispatch import Dispatcher
 from storage.db import make_engine, upgrade_schema
 from storage.filestore import FileStore
 
-__all__ = ["Node", "sd_notify"]
+__all__ = ["Node", "sd_notify", "wait_interruptibly"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,16 @@ def sd_notify(message: str) -> None:
             sock.sendall(message.encode())
         except OSError:
             logger.warning("could not notify systemd at %s", address)
+
+
+def wait_interruptibly(event: threading.Event) -> None:
+    """Wait for ``event`` in the main thread so that signal handlers still run.
+
+    A signal delivered to another thread does not interrupt a lock wait of the main thread,
+    so an untimed ``Event.wait()`` could keep SIGTERM from ever being handled.
+    """
+    while not event.wait(0.5):
+        pass
 
 
 def _die_with_parent() -> None:
@@ -138,7 +148,7 @@ class Node:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             thread = threading.Thread(target=scp.serve_forever, name="scp", daemon=True)
             thread.start()
-            done.wait()
+            wait_interruptibly(done)
             scp.shutdown()
         except BaseException:
             logger.exception("serving process failed")
@@ -149,7 +159,7 @@ class Node:
 
     def wait(self) -> None:
         """Block until ``stop()`` is called (for example by a signal handler)."""
-        self._stopped.wait()
+        wait_interruptibly(self._stopped)
 
     def install_signal_handlers(self) -> None:
         def _handler(signum: int, _frame: FrameType | None) -> None:
