@@ -24,6 +24,7 @@ from pydantic import (
 
 from dicomnode.errors import ConfigError
 from routing.rules import Rule
+from runners.modelspec import ModelSpec
 
 __all__ = [
     "AllowedCaller",
@@ -305,6 +306,7 @@ class Settings(_Model):
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     rules: list[Rule] = Field(default_factory=list)
     rules_dir: Path | None = None
+    models: dict[str, ModelSpec] = Field(default_factory=dict)
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
@@ -374,6 +376,11 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         for item in watch:
             if isinstance(item, dict) and "path" in item:
                 item["path"] = fix(item["path"])
+    models = data.get("models")
+    if isinstance(models, dict):
+        for spec in models.values():
+            if isinstance(spec, dict) and isinstance(spec.get("path"), str):
+                spec["path"] = fix(spec["path"])
     if isinstance(data.get("rules_dir"), str):
         data["rules_dir"] = fix(data["rules_dir"])
     nodes = data.get("nodes")
