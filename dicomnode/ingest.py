@@ -7,9 +7,12 @@ caller acknowledge it. Unreadable input goes to quarantine with a reason.
 
 from __future__ import annotations
 
+import fcntl
 import io
 import logging
+import os
 import struct
+import threading
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -311,6 +314,44 @@ _INSERT_INSTANCE = insert(Instance)
 _KNOWN_SERIES_LIMIT = 10000
 
 
+class _WriterLock:
+    """Lets one thread of all processes at a time write to an SQLite index.
+
+    SQLite admits one writer; the others retry from its busy handler, which sleeps 1, 2, 5,
+    10 ms... between attempts, so with several associations most of their time went to
+    sleeping after the lock was already free. A thread lock plus ``flock`` on a file beside
+    the database hands the turn over at once. A no-op for other databases.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        database = engine.url.database if engine.dialect.name == "sqlite" else None
+        self._path = f"{database}.writer-lock" if database and database != ":memory:" else None
+        self._thread_lock = threading.Lock()
+        self._fd = -1
+        self._pid = 0
+
+    def __enter__(self) -> None:
+        self._thread_lock.acquire()
+        if self._path is None:
+            return
+        try:
+            if self._pid != os.getpid():  # not a descriptor inherited across fork
+                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                self._pid = os.getpid()
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except OSError:
+            logger.debug("no writer lock file %s; SQLite's busy handler decides", self._path)
+
+    def __exit__(self, *_exc: object) -> None:
+        try:
+            if self._path is not None and self._pid == os.getpid():
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        except OSError:
+            pass
+        finally:
+            self._thread_lock.release()
+
+
 class _NotKnown(Exception):
     """The cached study/series rows do not take this instance; use the full path."""
 
@@ -332,6 +373,7 @@ class Ingestor:
         self._dialect = engine.dialect.name
         # (study UID, series UID) -> (study pk, series pk) of rows this process indexed into.
         self._known: dict[tuple[str, str], tuple[int, int]] = {}
+        self._writer = _WriterLock(engine)
 
     # --- entry points ------------------------------------------------------------------
 
@@ -478,9 +520,10 @@ class Ingestor:
             row = conn.execute(_FIND_INSTANCE, {"b_sop_uid": sop_uid}).first()
             if row is None:
                 return False
-            conn.execute(_COUNT_INSTANCE_DUPLICATE, {"b_pk": row.id})
-            conn.execute(_COUNT_STUDY_DUPLICATE, {"b_pk": row.study_pk})
-            conn.commit()
+            with self._writer:
+                conn.execute(_COUNT_INSTANCE_DUPLICATE, {"b_pk": row.id})
+                conn.execute(_COUNT_STUDY_DUPLICATE, {"b_pk": row.study_pk})
+                conn.commit()
             return True
 
     def _index_known(
@@ -495,7 +538,7 @@ class Ingestor:
             return False
         study_pk, series_pk = pks
         try:
-            with self.engine.begin() as conn:
+            with self._writer, self.engine.begin() as conn:
                 version = conn.execute(
                     _ADD_TO_RECEIVING_STUDY,
                     {"b_pk": study_pk, "b_uid": header.study_uid, "b_size": size, "b_now": now},
@@ -546,7 +589,7 @@ class Ingestor:
         }
         if self._index_known(header, instance, size, now):
             return
-        with self.engine.begin() as conn:
+        with self._writer, self.engine.begin() as conn:
             conn.execute(
                 _upsert(Study, self._dialect)
                 .values(

@@ -71,6 +71,7 @@ class _Server(ThreadedAssociationServer):
     daemon_threads = True
     block_on_close = False
     shared_socket: socket.socket | None = None
+    processes = 1  # serving processes sharing the socket
 
     def server_bind(self) -> None:
         shared = type(self).shared_socket
@@ -88,6 +89,13 @@ class _Server(ThreadedAssociationServer):
 
     def get_request(self) -> tuple[socket.socket, Any]:
         assert self.socket is not None
+        if type(self).processes > 1:
+            # Every serving process wakes for a new connection and the first accept() wins:
+            # a process that is already busy lets idle ones go first, so associations spread
+            # over the processes (each has its own GIL) instead of piling up in one.
+            busy = len(self.active_associations)
+            if busy:
+                time.sleep(min(0.002 * busy, 0.02))
         client, address = self.socket.accept()
         client.setblocking(True)
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -165,7 +173,11 @@ class StoreSCP:
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
-        server_cls = type("_BoundServer", (_Server,), {"shared_socket": sock})
+        server_cls = type(
+            "_BoundServer",
+            (_Server,),
+            {"shared_socket": sock, "processes": settings.processes},
+        )
         self.server: Any = self.ae.make_server(  # returns our _BoundServer
             sock.getsockname()[:2],
             evt_handlers=handlers,

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -44,6 +45,8 @@ class FileStore:
         self.tmp_dir = root / "tmp"
         self.fsync = fsync
         self._known_dirs: set[Path] = set()
+        self._dir_syncs: dict[Path, _DirSync] = {}
+        self._dir_syncs_lock = threading.Lock()
 
     def prepare(self) -> None:
         """Create the folders and drop partial writes left by a crash (never acknowledged)."""
@@ -110,8 +113,17 @@ class FileStore:
         self._mkdirs(final.parent)
         os.replace(tmp, final)
         if self.fsync:
-            _fsync_dir(final.parent)
+            self._sync_dir(final.parent)
         return final
+
+    def _sync_dir(self, folder: Path) -> None:
+        with self._dir_syncs_lock:
+            sync = self._dir_syncs.get(folder)
+            if sync is None:
+                if len(self._dir_syncs) > 1000:
+                    self._dir_syncs.clear()
+                sync = self._dir_syncs[folder] = _DirSync(folder)
+        sync.sync()
 
     def quarantine(
         self, chunks: Iterable[bytes | memoryview], reason: str, meta: dict[str, Any]
@@ -132,6 +144,39 @@ class FileStore:
         if self.fsync:
             _fsync_dir(folder)
         return target
+
+
+class _DirSync:
+    """Shared fsyncs of one folder: renames into it by concurrent threads (one per
+    association) need one fsync that starts after their rename, not one each."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._cond = threading.Condition()
+        self._requested = 0  # renames done and waiting for an fsync
+        self._done = 0  # renames covered by a completed fsync
+        self._running = False
+
+    def sync(self) -> None:
+        """Return once an fsync of the folder that started after this call has completed."""
+        with self._cond:
+            self._requested += 1
+            mine = self._requested
+            while self._done < mine:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                # Lead an fsync covering every rename requested so far.
+                self._running = True
+                covers = self._requested
+                self._cond.release()
+                try:
+                    _fsync_dir(self.folder)
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    self._cond.notify_all()
+                self._done = max(self._done, covers)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,0 +1,1 @@
+"""Reproducible performance measurements against reference tools, run side by side."""

@@ -1,0 +1,440 @@
+"""Ingest throughput: DCMTK ``storescu`` into DCMTK ``storescp --fork`` and ``dicomnode serve``.
+
+Every receiver gets the same generated CT instances, sent with DCMTK ``storescu``
+(``TCP_NODELAY=1``) over loopback, once with one association and once with four concurrent
+associations (four ``storescu`` processes, a quarter each). For every run it reports instances
+per second, the receiver's CPU milliseconds per instance and the rate as a multiple of
+``storescp`` in the same run.
+
+CPU is read from process accounting (``/proc/<pid>/stat``): utime + stime of every process in the
+receiver's process group, plus cutime + cstime (children that exited and were reaped, which is how
+``storescp --fork`` children are counted), sampled when the receiver is idle just before and just
+after the send. Each run starts a fresh receiver with empty storage; after a dicomnode run every
+instance must be in the index and on disk (a durable, indexed rate), after a ``storescp`` run every
+instance must be in its output folder.
+
+Usage::
+
+    python -m benchmarks.ingest [--count N] [--processes P] [--rounds R]
+
+This is a measurement, not a test: figures depend on the machine and on what else runs on it,
+which is why the reference receiver runs in the same invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import yaml
+
+from tests.dicomgen import make_series, write_series
+
+__all__ = ["RunResult", "main"]
+
+REPO = Path(__file__).resolve().parent.parent
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_LISTENING = re.compile(r"listening on [^ ]+:(\d+) ")
+_AE = "BENCHSCU"
+
+
+class BenchmarkError(RuntimeError):
+    """A receiver did not start, a send failed, or instances are missing afterwards."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One send of all instances to one receiver."""
+
+    receiver: str
+    associations: int
+    instances: int
+    seconds: float
+    cpu_seconds: float
+
+    @property
+    def rate(self) -> float:
+        """Instances per second."""
+        return self.instances / self.seconds
+
+    @property
+    def cpu_ms_per_instance(self) -> float:
+        return 1000.0 * self.cpu_seconds / self.instances
+
+
+# --- tools and process accounting ---------------------------------------------------------
+
+
+def _dcmtk_tool(name: str) -> str:
+    """The DCMTK executable ``name`` (pynetdicom installs apps with the same names)."""
+    dirs = [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin", "/usr/local/bin"]
+    for d in dirs:
+        exe = Path(d) / name
+        if not (exe.is_file() and os.access(exe, os.X_OK)):
+            continue
+        try:
+            version = subprocess.run(
+                [str(exe), "--version"], capture_output=True, text=True, timeout=10
+            ).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if "dcmtk" in version.lower():
+            return str(exe)
+    raise BenchmarkError(f"DCMTK {name} not found: install the dcmtk package")
+
+
+def _group_cpu(pgid: int) -> tuple[int, int]:
+    """(CPU clock ticks, live processes) of a process group, counting reaped children."""
+    ticks = 0
+    live = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        # fields[0] is field 3 of proc(5): state; pgrp is field 5, utime..cstime 14..17.
+        if int(fields[2]) != pgid:
+            continue
+        ticks += sum(int(v) for v in fields[11:15])
+        if fields[0] != b"Z":
+            live += 1
+    return ticks, live
+
+
+def _settled_cpu(pgid: int, max_live: int, timeout: float = 20.0) -> float:
+    """CPU seconds of a process group once it is idle: at most ``max_live`` processes alive and
+    two readings 0.2 s apart agree (a zombie being reaped moves its time to its parent)."""
+    deadline = time.monotonic() + timeout
+    previous: int | None = None
+    while True:
+        ticks, live = _group_cpu(pgid)
+        if (live <= max_live and ticks == previous) or time.monotonic() > deadline:
+            return ticks / _CLK_TCK
+        previous = ticks
+        time.sleep(0.2)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchmarkError(f"receiver exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise BenchmarkError(f"nothing listens on port {port} after {timeout} s")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the receiver by its PID; SIGKILL its own process group if it does not stop."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+# --- receivers ------------------------------------------------------------------------------
+
+
+class _Receiver:
+    """A receiver started in its own process group, with its own folder."""
+
+    name = ""
+    ae_title = ""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.max_live = 1
+
+    @property
+    def pgid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def verify(self, sop_uids: set[str]) -> None:
+        """Raise BenchmarkError unless every instance was kept."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+            self.proc = None
+
+
+class _StoreSCP(_Receiver):
+    name = "DCMTK storescp --fork"
+    ae_title = "STORESCP"
+
+    def start(self) -> None:
+        out = self.folder / "out"
+        out.mkdir(parents=True)
+        self.port = _free_port()
+        # storescp 3.6.7 cannot bind to one address; it is reached only on 127.0.0.1 here.
+        # DCMTK sets TCP_NODELAY on its sockets only when told so by the environment (on both
+        # ends; with Nagle on, storescp answers ~20 instances/s).
+        cmd = [_dcmtk_tool("storescp"), "--fork", "-dhl", "-aet", self.ae_title]
+        cmd += ["-od", str(out), str(self.port)]
+        log = (self.folder / "storescp.log").open("wb")
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "TCP_NODELAY": "1"},
+            start_new_session=True,
+        )
+        log.close()
+        _wait_port(self.port, self.proc)
+
+    def verify(self, sop_uids: set[str]) -> None:
+        kept = sum(1 for p in (self.folder / "out").iterdir() if p.is_file())
+        if kept != len(sop_uids):
+            raise BenchmarkError(f"storescp kept {kept} of {len(sop_uids)} instances")
+
+
+class _DicomNode(_Receiver):
+    ae_title = "DICOMNODE"
+
+    def __init__(self, folder: Path, processes: int) -> None:
+        super().__init__(folder)
+        self.processes = processes
+        self.name = f"dicomnode serve, {processes} process{'es' if processes > 1 else ''}"
+        # With several processes the main process only watches and settles; children serve.
+        self.max_live = 1 + (processes if processes > 1 else 0)
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        config = {
+            "node": {
+                "ae_title": self.ae_title,
+                "host": "127.0.0.1",
+                "port": 0,
+                "processes": self.processes,
+            },
+            "storage": {"root": "storage"},
+            "database": {"url": "sqlite:///index.db"},
+            "completion": {"settle_seconds": 5, "force_seconds": 3600},
+            "logging": {"level": "INFO"},
+        }
+        config_path = self.folder / "dicomnode.yaml"
+        config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        log_path = self.folder / "node.log"
+        log = log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dicomnode", "serve", "--config", str(config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchmarkError(f"dicomnode serve exited:\n{log_path.read_text()[-2000:]}")
+            m = _LISTENING.search(log_path.read_text(encoding="utf-8", errors="replace"))
+            if m:
+                self.port = int(m.group(1))
+                return
+            time.sleep(0.05)
+        raise BenchmarkError("dicomnode serve did not start listening within 60 s")
+
+    def verify(self, sop_uids: set[str]) -> None:
+        uri = f"file:{self.folder / 'index.db'}?mode=ro"
+        with sqlite3.connect(uri, uri=True) as db:
+            rows = db.execute("SELECT sop_instance_uid, path FROM instances").fetchall()
+        db.close()
+        indexed = {uid: path for uid, path in rows}
+        missing = sop_uids - indexed.keys()
+        if missing:
+            raise BenchmarkError(f"{len(missing)} of {len(sop_uids)} instances are not indexed")
+        absent = [u for u in sop_uids if not (self.folder / "storage" / indexed[u]).is_file()]
+        if absent:
+            raise BenchmarkError(f"{len(absent)} indexed instances have no file")
+
+
+# --- sending --------------------------------------------------------------------------------
+
+
+def _send(receiver: _Receiver, files: list[Path], associations: int, logs: Path) -> float:
+    """Send ``files`` split over ``associations`` concurrent storescu processes; seconds taken."""
+    exe = _dcmtk_tool("storescu")
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    size = -(-len(files) // associations)
+    parts = [files[i : i + size] for i in range(0, len(files), size)]
+    procs = []
+    outputs = []
+    started = time.monotonic()
+    for i, part in enumerate(parts):
+        out = (logs / f"storescu-{associations}-{i}.log").open("wb")
+        outputs.append(out)
+        cmd = [exe, "-aet", _AE, "-aec", receiver.ae_title, "127.0.0.1", str(receiver.port)]
+        cmd += [str(p) for p in part]
+        procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env))
+    codes = [p.wait() for p in procs]
+    seconds = time.monotonic() - started
+    for out in outputs:
+        out.close()
+    if any(codes):
+        raise BenchmarkError(f"storescu exit codes {codes}; see {logs}")
+    return seconds
+
+
+def _run(
+    make: type[_Receiver] | tuple[type[_DicomNode], int],
+    folder: Path,
+    files: list[Path],
+    sop_uids: set[str],
+    associations: int,
+) -> RunResult:
+    receiver = make[0](folder, make[1]) if isinstance(make, tuple) else make(folder)
+    try:
+        receiver.start()
+        before = _settled_cpu(receiver.pgid, receiver.max_live)
+        seconds = _send(receiver, files, associations, folder)
+        after = _settled_cpu(receiver.pgid, receiver.max_live)
+        receiver.verify(sop_uids)
+    finally:
+        receiver.stop()
+    return RunResult(receiver.name, associations, len(files), seconds, after - before)
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def _machine() -> str:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = os.cpu_count() or 0
+    return f"{cores} cores{f' ({model})' if model else ''}, Linux {platform.release()}"
+
+
+def _median(results: list[RunResult]) -> RunResult:
+    first = results[0]
+    return RunResult(
+        first.receiver,
+        first.associations,
+        first.instances,
+        statistics.median(r.seconds for r in results),
+        statistics.median(r.cpu_seconds for r in results),
+    )
+
+
+def table(results: Sequence[RunResult]) -> str:
+    """A Markdown table; the ratio is to storescp with the same number of associations."""
+    reference = {r.associations: r.rate for r in results if r.receiver.startswith("DCMTK")}
+    lines = [
+        "| receiver | associations | instances/s | CPU ms/instance | x storescp |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        ratio = r.rate / reference[r.associations] if r.associations in reference else 0.0
+        lines.append(
+            f"| {r.receiver} | {r.associations} | {r.rate:.0f} | "
+            f"{r.cpu_ms_per_instance:.2f} | {ratio:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ingest", description=__doc__)
+    parser.add_argument("--count", type=int, default=500, help="instances (512x512 CT)")
+    parser.add_argument(
+        "--processes", type=int, default=2, help="serving processes of the multi-process node"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="repeat every run; medians are reported"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the work folder and print it")
+    args = parser.parse_args(argv)
+    if args.count < 4 or args.processes < 2 or args.rounds < 1:
+        parser.error("need --count >= 4, --processes >= 2, --rounds >= 1")
+
+    work = Path(tempfile.mkdtemp(prefix="dicomnode-bench-"))
+    try:
+        print(f"generating {args.count} 512x512 CT instances ...", file=sys.stderr)
+        datasets = make_series(args.count, rows=512, columns=512, modality="CT")
+        files = write_series(work / "ct", datasets)
+        sop_uids = {str(ds.SOPInstanceUID) for ds in datasets}
+        del datasets
+        mb = sum(p.stat().st_size for p in files) / len(files) / 1e6
+        receivers: list[type[_Receiver] | tuple[type[_DicomNode], int]] = [
+            _StoreSCP,
+            (_DicomNode, 1),
+            (_DicomNode, args.processes),
+        ]
+        collected: dict[tuple[int, int], list[RunResult]] = {}
+        for rnd in range(args.rounds):
+            for i, make in enumerate(receivers):
+                for associations in (1, 4):
+                    folder = work / f"r{rnd}-{i}-{associations}"
+                    result = _run(make, folder, files, sop_uids, associations)
+                    collected.setdefault((i, associations), []).append(result)
+                    print(
+                        f"round {rnd + 1}: {result.receiver}, {associations} association(s): "
+                        f"{result.rate:.0f}/s, {result.cpu_ms_per_instance:.2f} ms CPU/instance",
+                        file=sys.stderr,
+                    )
+                    if not args.keep:
+                        shutil.rmtree(folder, ignore_errors=True)
+        results = [_median(collected[key]) for key in sorted(collected)]
+    finally:
+        if args.keep:
+            print(f"work folder kept: {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+    print(f"date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}")
+    print(f"machine: {_machine()}")
+    print(
+        f"command: python -m benchmarks.ingest --count {args.count} "
+        f"--processes {args.processes} --rounds {args.rounds}"
+    )
+    print(f"instances: {args.count} x {mb:.2f} MB CT; medians of {args.rounds} round(s)")
+    print()
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
