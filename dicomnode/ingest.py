@@ -35,7 +35,13 @@ from storage.db import utcnow
 from storage.filestore import FileStore
 from storage.models import Instance, QuarantineRecord, Series, Study, StudyState
 
-__all__ = ["IMPLEMENTATION_CLASS_UID", "IngestResult", "Ingestor", "Source"]
+__all__ = [
+    "IMPLEMENTATION_CLASS_UID",
+    "SERIES_EXTRA_KEYWORDS",
+    "IngestResult",
+    "Ingestor",
+    "Source",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +72,7 @@ _SERIES_FIELDS = {
     "frame_of_reference_uid": ("FrameOfReferenceUID", 64),
 }
 # Extra attributes kept per series for routing rules.
-_SERIES_EXTRA = (
+SERIES_EXTRA_KEYWORDS = (
     "ImageType",
     "SeriesDate",
     "SeriesTime",
@@ -76,7 +82,6 @@ _SERIES_EXTRA = (
     "ScanningSequence",
     "SequenceName",
     "MagneticFieldStrength",
-    "ReferencedStudySequence",
     "InstitutionalDepartmentName",
     "PerformedProcedureStepDescription",
     "ImageOrientationPatient",
@@ -167,9 +172,7 @@ def _text(ds: _Values, keyword: str, limit: int) -> str | None:
 
 def _extra(ds: _Values) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for kw in _SERIES_EXTRA:
-        if kw == "ReferencedStudySequence":
-            continue
+    for kw in SERIES_EXTRA_KEYWORDS:
         text = _text(ds, kw, 256)
         if text is not None:
             out[kw] = text
@@ -229,7 +232,7 @@ _SCANNER = HeaderScanner(
         "SeriesNumber",
         *(kw for kw, _ in _STUDY_FIELDS.values()),
         *(kw for kw, _ in _SERIES_FIELDS.values()),
-        *(kw for kw in _SERIES_EXTRA if kw != "ReferencedStudySequence"),
+        *SERIES_EXTRA_KEYWORDS,
     ],
     _MAX_HEADER_TAG,
 )

@@ -17,6 +17,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from sqlalchemy.orm import Session
 
+from dicomnode.ingest import SERIES_EXTRA_KEYWORDS
 from routing.rules import SeriesView, StudyView, flatten_source
 from storage.models import Series, Study
 
@@ -52,22 +53,6 @@ SERIES_KEYWORDS = {
     "frame_of_reference_uid": "FrameOfReferenceUID",
     "sop_class_uid": "SOPClassUID",
 }
-_EXTRA_KEYWORDS = (
-    "ImageType",
-    "SeriesDate",
-    "SeriesTime",
-    "ManufacturerModelName",
-    "SliceThickness",
-    "ContrastBolusAgent",
-    "ScanningSequence",
-    "SequenceName",
-    "MagneticFieldStrength",
-    "InstitutionalDepartmentName",
-    "PerformedProcedureStepDescription",
-    "ImageOrientationPatient",
-    "Rows",
-    "Columns",
-)
 
 
 def _finish(view: StudyView, sources: list[dict[str, Any]]) -> StudyView:
@@ -168,7 +153,7 @@ def study_views_from_files(
         view.attributes["instances"] += 1
         series = series_index.get(series_uid)
         if series is None:
-            keywords = [*SERIES_KEYWORDS.values(), *_EXTRA_KEYWORDS]
+            keywords = [*SERIES_KEYWORDS.values(), *SERIES_EXTRA_KEYWORDS]
             sattrs = {kw: v for kw in keywords if (v := _text(ds, kw)) is not None}
             sattrs["SeriesInstanceUID"] = series_uid
             sattrs["instances"] = 0
