@@ -380,7 +380,9 @@ def study_rows(session: Session) -> list[dict[str, Any]]:
                         "instances": se.instances,
                         "size_bytes": se.size_bytes,
                         "source": (
-                            {"folder": se.source_folder}
+                            {"result": True}
+                            if se.source_kind == "result"
+                            else {"folder": se.source_folder}
                             if se.source_kind == "folder"
                             else {
                                 "calling_ae": se.calling_ae,

@@ -24,6 +24,7 @@ from pydantic import (
 
 from dicomnode.errors import ConfigError
 from routing.rules import Rule
+from runners.demo_config import DEMO_MODELS, DEMO_RULES
 from runners.modelspec import ModelSpec
 
 __all__ = [
@@ -314,14 +315,19 @@ class Settings(_Model):
 
 
 def embedded_settings(data_dir: Path, port: int = 11112) -> Settings:
-    """The embedded default: every piece of state under one local folder."""
+    """The embedded default: every piece of state under one local folder, the in-process
+    broker, and the demo rule and model."""
     data_dir = data_dir.resolve()
-    return Settings(
-        node=NodeSettings(port=port),
-        storage=StorageSettings(root=data_dir / "storage"),
-        database=DatabaseSettings(url=f"sqlite:///{data_dir / 'index.db'}"),
-        watch=[WatchFolder(path=data_dir / "incoming")],
-        source=f"<embedded default in {data_dir}>",
+    return Settings.model_validate(
+        {
+            "node": {"port": port},
+            "storage": {"root": data_dir / "storage"},
+            "database": {"url": f"sqlite:///{data_dir / 'index.db'}"},
+            "watch": [{"path": data_dir / "incoming"}],
+            "models": DEMO_MODELS,
+            "rules": DEMO_RULES,
+            "source": f"<embedded default in {data_dir}>",
+        }
     )
 
 

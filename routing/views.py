@@ -79,6 +79,8 @@ def study_view_from_index(session: Session, study: Study) -> StudyView:
     sources = []
     series: Series
     for series in study.series:
+        if series.source_kind == "result":
+            continue  # results of jobs are never routed again
         source = {
             "kind": series.source_kind,
             "calling_ae": series.calling_ae,

@@ -20,6 +20,7 @@ models:
       orientation: LPS                    # LPS | RAS | none (keep the series' own axes)
       spacing: [1.5, 1.5, 2.0]            # millimetres (x, y, z) or null
       normalize: {kind: ct_window, low: -1000, high: 400}   # ct_window | zscore | percentile | none
+      axes: zyx                           # tensor axis order: zyx (SimpleITK/nnU-Net) | xyz (MONAI)
     inference: {patch_size: [96, 96, 96], overlap: 0.5, blending: gaussian, batch_size: 2}
     output: {activation: softmax}         # softmax (argmax) | sigmoid (threshold) | none (labels)
     postprocessing: {largest_component: [1], min_size_mm3: 50}
@@ -92,10 +93,16 @@ class PreprocessingSpec(_Model):
     orientation: Literal["LPS", "RAS", "none"] = "none"
     spacing: tuple[float, float, float] | None = None
     normalize: NormalizeSpec = Field(default_factory=NormalizeSpec)
+    # Spatial order of the model's (N, C, D, H, W) tensor: zyx puts the volume's slice axis
+    # first (SimpleITK array order, as nnU-Net reads it); xyz the column axis (nibabel and
+    # MONAI's loaders).
+    axes: Literal["zyx", "xyz"] = "zyx"
 
 
 class InferenceSpec(_Model):
-    patch_size: tuple[int, int, int] | None = None  # None: the whole volume at once
+    # Voxels along the tensor's (D, H, W) axes (see PreprocessingSpec.axes); None: the whole
+    # volume at once.
+    patch_size: tuple[int, int, int] | None = None
     overlap: float = Field(0.5, ge=0, lt=1)
     blending: Literal["gaussian", "constant"] = "gaussian"
     batch_size: int = Field(1, ge=1, le=256)

@@ -21,6 +21,7 @@ from dicomnode.errors import DicomNodeError
 from dicomnode.settings import RemoteNode, Settings
 from runners.broker import QUEUES
 from storage.db import utcnow
+from storage.filestore import FileStore
 from storage.models import (
     Delivery,
     DeliveryItem,
@@ -187,7 +188,9 @@ class Tasks:
             return
         try:
             deliveries = self._execute(job)
-        except JobError as exc:
+        except DicomNodeError as exc:
+            # A configuration or input problem (unknown pipeline, inconsistent series, ...):
+            # retrying cannot help.
             self._finish_job(job, JobState.FAILED, str(exc))
             return
         except Exception as exc:
@@ -240,9 +243,15 @@ class Tasks:
         if job.action == "forward":
             return self._create_deliveries(job, self._job_instances(job))
         if job.action == "run":
-            raise JobError(
-                f"pipeline {job.pipeline!r}: no model or container runner is configured for it"
+            from runners.pipeline import run_pipeline
+
+            store = FileStore(
+                self.settings.storage.root,
+                self.settings.storage.quarantine_dir,
+                fsync=self.settings.storage.fsync,
             )
+            results = run_pipeline(self.engine, self.settings, store, job)
+            return self._create_deliveries(job, results)
         return []
 
     def _job_instances(self, job: Job) -> list[int]:

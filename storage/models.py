@@ -137,6 +137,8 @@ class Instance(Base):
     peer_address: Mapped[str | None] = mapped_column(String(64))
     source_folder: Mapped[str | None] = mapped_column(Text)
     duplicates: Mapped[int] = mapped_column(Integer, default=0)
+    # Set for results a job produced (SEG, RTSTRUCT): they never re-open or re-route a study.
+    job_pk: Mapped[int | None] = mapped_column(Integer, index=True)
 
 
 class CompletionEvent(Base):

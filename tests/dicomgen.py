@@ -94,3 +94,40 @@ def write_series(folder: Path, datasets: list[Dataset]) -> list[Path]:
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def mni_t1_series(folder: Path, series_description: str = "T1 MNI152") -> list[Path]:
+    """nilearn's bundled MNI152 T1 template (2 mm) written as an axial DICOM MR series."""
+    import tempfile
+
+    import nibabel as nib
+    import SimpleITK as sitk
+    from nilearn.datasets import load_mni152_template
+
+    with tempfile.TemporaryDirectory() as tmp:
+        nifti = Path(tmp) / "mni.nii.gz"
+        nib.save(load_mni152_template(resolution=2), str(nifti))
+        image = sitk.ReadImage(str(nifti), sitk.sitkFloat32)  # LPS, like DICOM
+    array = sitk.GetArrayFromImage(image)  # (z, y, x)
+    scaled = np.clip(array / max(float(array.max()), 1e-6) * 1000, 0, 4095).astype(np.uint16)
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    sx, sy, _sz = image.GetSpacing()
+    datasets = make_series(
+        scaled.shape[0],
+        rows=scaled.shape[1],
+        columns=scaled.shape[2],
+        modality="MR",
+        series_description=series_description,
+        patient_id="MNI152",
+        patient_name="MNI^Template",
+    )
+    for k, ds in enumerate(datasets):
+        ds.ImagePositionPatient = [
+            round(v, 4) for v in image.TransformIndexToPhysicalPoint((0, 0, k))
+        ]
+        ds.ImageOrientationPatient = [*direction[:, 0].round(6), *direction[:, 1].round(6)]
+        ds.PixelSpacing = [sy, sx]
+        ds.SliceThickness = image.GetSpacing()[2]
+        ds.PixelData = scaled[k].tobytes()
+        ds.BodyPartExamined = "HEAD"
+    return write_series(folder, datasets)
