@@ -12,5 +12,6 @@ install -d /etc/dicomnode
 [ -e /etc/dicomnode/dicomnode.yaml ] || install -m 0644 "$SRC/config/dicomnode.yaml" /etc/dicomnode/dicomnode.yaml
 "$PREFIX/bin/dicomnode" config check /etc/dicomnode/dicomnode.yaml
 install -m 0644 "$SRC/systemd/dicomnode.service" /etc/systemd/system/dicomnode.service
+install -m 0644 "$SRC/systemd/dicomnode-worker@.service" /etc/systemd/system/dicomnode-worker@.service
 systemctl daemon-reload
 echo "installed; start with: systemctl enable --now dicomnode"

@@ -126,3 +126,16 @@ def test_readme_rules_example_is_a_valid_configuration(tmp_path: Path) -> None:
     settings = load_settings(_write(tmp_path, example))
     assert [r.name for r in settings.rules] == ["ct-to-pacs-and-back", "brain-tumour", "no-scouts"]
     assert settings.rules[1].inputs is not None and len(settings.rules[1].inputs) == 4
+
+
+def test_readme_models_example_is_a_valid_configuration(tmp_path: Path) -> None:
+    text = (REPO / "README.md").read_text()
+    example = text.split("## Models", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    example += "nodes: {PACS: {ae_title: PACS, host: 192.0.2.10, port: 104}}\n"
+    settings = load_settings(_write(tmp_path, example))
+    assert sorted(settings.models) == ["brain-extraction", "organs"]
+    assert settings.models["organs"].path == tmp_path / "models" / "organs.pt"
+    assert [s.structure().type.meaning for s in settings.models["organs"].structures] == [
+        "Liver",
+        "Neoplasm",
+    ]
