@@ -156,3 +156,83 @@ def test_unknown_pipeline_fails_the_job_clearly(make_node, tmp_path: Path) -> No
         what="the job to fail",
     )
     assert "pipeline 'nowhere' is not in 'models:'" in failed[0]["error"]
+
+
+class _TwoChannel(torch.nn.Module):
+    """Foreground where both channels are bright (e.g. a lesion seen on T1 and FLAIR)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        both = torch.minimum(x[:, 0:1], x[:, 1:2])
+        return torch.cat([500.0 - both, both - 500.0], dim=1)
+
+
+def test_named_inputs_feed_a_two_channel_model(make_node, tmp_path: Path) -> None:
+    study = generate_uid()
+    zz, yy, xx = np.mgrid[0:12, 0:32, 0:32]
+    t1_blob = ((xx - 12) ** 2 + (yy - 16) ** 2 + (zz - 6) ** 2) <= 36
+    flair_blob = ((xx - 18) ** 2 + (yy - 16) ** 2 + (zz - 6) ** 2) <= 36
+    series = []
+    for number, (name, blob) in enumerate((("T1 AX", t1_blob), ("FLAIR AX", flair_blob)), 1):
+        datasets = make_series(
+            12,
+            rows=32,
+            columns=32,
+            modality="MR",
+            study_uid=study,
+            series_description=name,
+            series_number=number,
+            seed=number,
+        )
+        frame = datasets[0].FrameOfReferenceUID
+        for k, ds in enumerate(datasets):
+            ds.FrameOfReferenceUID = frame
+            ds.PixelData = np.where(blob[k], 1000, 10).astype(np.uint16).tobytes()
+        series += write_series(tmp_path / name.split()[0], datasets)
+    model = tmp_path / "both.pt"
+    torch.jit.script(_TwoChannel()).save(str(model))
+    node = make_node(
+        completion={"settle_seconds": 1, "force_seconds": 600, "check_interval": 0.2},
+        models={
+            "both": {
+                "version": "1",
+                "kind": "torchscript",
+                "path": str(model),
+                "inputs": ["t1", "flair"],
+                "structures": [{"label": 1, "name": "Overlap", "type": "lesion"}],
+                "results": ["seg"],
+            }
+        },
+        rules=[
+            {
+                "name": "both",
+                "inputs": {
+                    "t1": {"SeriesDescription": {"glob": "T1*"}},
+                    "flair": {"SeriesDescription": {"glob": "*FLAIR*"}},
+                },
+                "action": "run",
+                "pipeline": "both",
+            }
+        ],
+    )
+    storescu(node.port, series)
+
+    def finished() -> list[dict]:
+        jobs = json.loads(node.cli("jobs", "--json").stdout)
+        return [j for j in jobs if j["state"] in ("succeeded", "failed")]
+
+    job = wait_for(finished, 60, what="the job")[0]
+    assert job["state"] == "succeeded", job["error"]
+    seg_path = next(
+        p
+        for p in node.storage_files()
+        if pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID == SEG_CLASS
+    )
+    seg = hd.seg.segread(seg_path)
+    t1_sources = sorted(
+        (pydicom.dcmread(p) for p in series if "T1" in str(pydicom.dcmread(p).SeriesDescription)),
+        key=lambda d: float(d.ImagePositionPatient[2]),
+    )
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[d.SOPInstanceUID for d in t1_sources], segment_numbers=[1]
+    )
+    assert np.array_equal(pixels[..., 0] > 0, t1_blob & flair_blob)
