@@ -25,11 +25,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import shutil
-import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -43,6 +40,24 @@ from pathlib import Path
 
 import yaml
 
+from benchmarks._common import (
+    BenchmarkError,
+)
+from benchmarks._common import (
+    dcmtk_tool as _dcmtk_tool,
+)
+from benchmarks._common import (
+    free_port as _free_port,
+)
+from benchmarks._common import (
+    machine as _machine,
+)
+from benchmarks._common import (
+    stop as _stop,
+)
+from benchmarks._common import (
+    wait_port as _wait_port,
+)
 from tests.dicomgen import make_series, write_series
 
 __all__ = ["RunResult", "main"]
@@ -51,10 +66,6 @@ REPO = Path(__file__).resolve().parent.parent
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _LISTENING = re.compile(r"listening on [^ ]+:(\d+) ")
 _AE = "BENCHSCU"
-
-
-class BenchmarkError(RuntimeError):
-    """A receiver did not start, a send failed, or instances are missing afterwards."""
 
 
 @dataclass(frozen=True)
@@ -78,24 +89,6 @@ class RunResult:
 
 
 # --- tools and process accounting ---------------------------------------------------------
-
-
-def _dcmtk_tool(name: str) -> str:
-    """The DCMTK executable ``name`` (pynetdicom installs apps with the same names)."""
-    dirs = [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin", "/usr/local/bin"]
-    for d in dirs:
-        exe = Path(d) / name
-        if not (exe.is_file() and os.access(exe, os.X_OK)):
-            continue
-        try:
-            version = subprocess.run(
-                [str(exe), "--version"], capture_output=True, text=True, timeout=10
-            ).stdout
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if "dcmtk" in version.lower():
-            return str(exe)
-    raise BenchmarkError(f"DCMTK {name} not found: install the dcmtk package")
 
 
 def _group_cpu(pgid: int) -> tuple[int, int]:
@@ -131,36 +124,6 @@ def _settled_cpu(pgid: int, max_live: int, timeout: float = 20.0) -> float:
             return ticks / _CLK_TCK
         previous = ticks
         time.sleep(0.2)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchmarkError(f"receiver exited with {proc.returncode} before listening")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise BenchmarkError(f"nothing listens on port {port} after {timeout} s")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the receiver by its PID; SIGKILL its own process group if it does not stop."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
 
 
 # --- receivers ------------------------------------------------------------------------------
@@ -334,19 +297,6 @@ def _run(
 
 
 # --- report ---------------------------------------------------------------------------------
-
-
-def _machine() -> str:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = os.cpu_count() or 0
-    return f"{cores} cores{f' ({model})' if model else ''}, Linux {platform.release()}"
 
 
 def _median(results: list[RunResult]) -> RunResult:

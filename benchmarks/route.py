@@ -29,11 +29,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +44,27 @@ from pathlib import Path
 
 import yaml
 
+from benchmarks._common import (
+    BenchmarkError,
+)
+from benchmarks._common import (
+    dcmtk_tool as _dcmtk_tool,
+)
+from benchmarks._common import (
+    free_port as _free_port,
+)
+from benchmarks._common import (
+    machine as _machine,
+)
+from benchmarks._common import (
+    stop as _stop,
+)
+from benchmarks._common import (
+    tcp_env as _tcp_env,
+)
+from benchmarks._common import (
+    wait_port as _wait_port,
+)
 from tests.dicomgen import make_series, write_series
 
 __all__ = ["RoundResult", "main"]
@@ -60,10 +78,6 @@ _SCU_AE = "BENCHSCU"
 _NODE_AE = "DICOMNODE"
 _DEST_AE = "DEST"
 _POLL = 0.005  # seconds between scans of a receiving folder
-
-
-class BenchmarkError(RuntimeError):
-    """A server did not start, a send failed, or instances did not arrive."""
 
 
 @dataclass(frozen=True)
@@ -87,59 +101,6 @@ class RoundResult:
 
 
 # --- tools and processes --------------------------------------------------------------------
-
-
-def _dcmtk_tool(name: str) -> str:
-    """The DCMTK executable ``name`` (pynetdicom installs apps with the same names)."""
-    dirs = [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin", "/usr/local/bin"]
-    for d in dirs:
-        exe = Path(d) / name
-        if not (exe.is_file() and os.access(exe, os.X_OK)):
-            continue
-        try:
-            out = subprocess.run(
-                [str(exe), "--version"], capture_output=True, text=True, timeout=10
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if "dcmtk" in out.stdout.lower():
-            return str(exe)
-    raise BenchmarkError(f"DCMTK {name} not found: install the dcmtk package")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchmarkError(f"server exited with {proc.returncode} before listening")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise BenchmarkError(f"nothing listens on port {port} after {timeout} s")
-
-
-def _stop(proc: subprocess.Popen[bytes] | None) -> None:
-    """SIGTERM a server by its PID; SIGKILL its own process group if it does not stop."""
-    if proc is not None and proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-
-
-def _tcp_env() -> dict[str, str]:
-    # DCMTK sets TCP_NODELAY only when the environment says so (Nagle costs ~20x on loopback).
-    return {**os.environ, "TCP_NODELAY": "1"}
 
 
 def _start_storescp(folder: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
@@ -354,19 +315,6 @@ def _forward(
 
 
 # --- report ---------------------------------------------------------------------------------
-
-
-def _machine() -> str:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = os.cpu_count() or 0
-    return f"{cores} cores{f' ({model})' if model else ''}, Linux {platform.release()}"
 
 
 def table(results: Sequence[RoundResult]) -> str:
