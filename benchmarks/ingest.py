@@ -40,24 +40,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks._common import (
-    BenchmarkError,
-)
-from benchmarks._common import (
-    dcmtk_tool as _dcmtk_tool,
-)
-from benchmarks._common import (
-    free_port as _free_port,
-)
-from benchmarks._common import (
-    machine as _machine,
-)
-from benchmarks._common import (
-    stop as _stop,
-)
-from benchmarks._common import (
-    wait_port as _wait_port,
-)
+from benchmarks._common import BenchmarkError, dcmtk_tool, free_port, machine, stop, wait_port
 from tests.dicomgen import make_series, write_series
 
 __all__ = ["RunResult", "main"]
@@ -155,7 +138,7 @@ class _Receiver:
 
     def stop(self) -> None:
         if self.proc is not None:
-            _stop(self.proc)
+            stop(self.proc)
             self.proc = None
 
 
@@ -166,11 +149,11 @@ class _StoreSCP(_Receiver):
     def start(self) -> None:
         out = self.folder / "out"
         out.mkdir(parents=True)
-        self.port = _free_port()
+        self.port = free_port()
         # storescp 3.6.7 cannot bind to one address; it is reached only on 127.0.0.1 here.
         # DCMTK sets TCP_NODELAY on its sockets only when told so by the environment (on both
         # ends; with Nagle on, storescp answers ~20 instances/s).
-        cmd = [_dcmtk_tool("storescp"), "--fork", "-dhl", "-aet", self.ae_title]
+        cmd = [dcmtk_tool("storescp"), "--fork", "-dhl", "-aet", self.ae_title]
         cmd += ["-od", str(out), str(self.port)]
         log = (self.folder / "storescp.log").open("wb")
         self.proc = subprocess.Popen(
@@ -181,7 +164,7 @@ class _StoreSCP(_Receiver):
             start_new_session=True,
         )
         log.close()
-        _wait_port(self.port, self.proc)
+        wait_port(self.port, self.proc)
 
     def verify(self, sop_uids: set[str]) -> None:
         kept = sum(1 for p in (self.folder / "out").iterdir() if p.is_file())
@@ -255,7 +238,7 @@ class _DicomNode(_Receiver):
 
 def _send(receiver: _Receiver, files: list[Path], associations: int, logs: Path) -> float:
     """Send ``files`` split over ``associations`` concurrent storescu processes; seconds taken."""
-    exe = _dcmtk_tool("storescu")
+    exe = dcmtk_tool("storescu")
     env = {**os.environ, "TCP_NODELAY": "1"}
     size = -(-len(files) // associations)
     parts = [files[i : i + size] for i in range(0, len(files), size)]
@@ -375,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     print(f"date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}")
-    print(f"machine: {_machine()}")
+    print(f"machine: {machine()}")
     print(
         f"command: python -m benchmarks.ingest --count {args.count} "
         f"--processes {args.processes} --rounds {args.rounds}"

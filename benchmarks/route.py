@@ -46,24 +46,12 @@ import yaml
 
 from benchmarks._common import (
     BenchmarkError,
-)
-from benchmarks._common import (
-    dcmtk_tool as _dcmtk_tool,
-)
-from benchmarks._common import (
-    free_port as _free_port,
-)
-from benchmarks._common import (
-    machine as _machine,
-)
-from benchmarks._common import (
-    stop as _stop,
-)
-from benchmarks._common import (
-    tcp_env as _tcp_env,
-)
-from benchmarks._common import (
-    wait_port as _wait_port,
+    dcmtk_tool,
+    free_port,
+    machine,
+    stop,
+    tcp_env,
+    wait_port,
 )
 from tests.dicomgen import make_series, write_series
 
@@ -107,15 +95,15 @@ def _start_storescp(folder: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
     """A storescp with its own port and output folder, in its own process group."""
     out = folder / "out"
     out.mkdir(parents=True)
-    port = _free_port()
+    port = free_port()
     # storescp 3.6.7 cannot bind to one address; it is reached only on 127.0.0.1 here.
-    cmd = [_dcmtk_tool("storescp"), "-aet", _DEST_AE, "-od", str(out), str(port)]
+    cmd = [dcmtk_tool("storescp"), "-aet", _DEST_AE, "-od", str(out), str(port)]
     log = (folder / "storescp.log").open("wb")
     proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, env=_tcp_env(), start_new_session=True
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=tcp_env(), start_new_session=True
     )
     log.close()
-    _wait_port(port, proc)
+    wait_port(port, proc)
     return proc, port, out
 
 
@@ -158,16 +146,16 @@ def _start_node(
         if m:
             return proc, int(m.group(1)), log_path
         time.sleep(0.05)
-    _stop(proc)
+    stop(proc)
     raise BenchmarkError("dicomnode serve did not start listening within 60 s")
 
 
 def _storescu(port: int, ae_title: str, files: list[Path], log: Path) -> float:
     """Send ``files`` on one association; returns the wall-clock time storescu exited."""
-    cmd = [_dcmtk_tool("storescu"), "-aet", _SCU_AE, "-aec", ae_title, "127.0.0.1", str(port)]
+    cmd = [dcmtk_tool("storescu"), "-aet", _SCU_AE, "-aec", ae_title, "127.0.0.1", str(port)]
     with log.open("wb") as out:
         code = subprocess.run(
-            [*cmd, *map(str, files)], stdout=out, stderr=subprocess.STDOUT, env=_tcp_env()
+            [*cmd, *map(str, files)], stdout=out, stderr=subprocess.STDOUT, env=tcp_env()
         ).returncode
     done = time.time()
     if code:
@@ -273,7 +261,7 @@ def _plain(folder: Path, files: list[Path], expected: dict[str, int]) -> float:
         watch.stop()
         return watch.rate()[1]
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 def _forward(
@@ -310,8 +298,8 @@ def _forward(
             forward_rate=rate,
         )
     finally:
-        _stop(node)
-        _stop(dest)
+        stop(node)
+        stop(dest)
 
 
 # --- report ---------------------------------------------------------------------------------
@@ -396,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     print(f"date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}")
-    print(f"machine: {_machine()}")
+    print(f"machine: {machine()}")
     print(
         f"command: python -m benchmarks.route --count {args.count} --rounds {args.rounds} "
         f"--settle {args.settle:g} --check-interval {args.check_interval:g}"
