@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
 
-from tests.conftest import require_tool, wait_for
+from tests.conftest import REPO, require_tool, wait_for
 
-__all__ = ["StoreSCP", "free_port", "received"]
+__all__ = ["Orthanc", "StoreSCP", "Worker", "free_port", "received"]
 
 
 def free_port() -> int:
@@ -168,4 +171,45 @@ class Orthanc:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=20)
+        self.proc = None
+
+
+class Worker:
+    """A ``dicomnode worker`` subprocess in its own process group, stopped by PID."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config, self.log_path = config, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Worker:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "dicomnode", "worker", "--config", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                start_new_session=True,
+            )
+
+        def ready() -> bool:
+            assert self.proc is not None
+            assert self.proc.poll() is None, self.log()
+            return "worker ready" in self.log()
+
+        wait_for(ready, 30, what="the worker to start")
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """kill -9 the worker's process group."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
         self.proc = None

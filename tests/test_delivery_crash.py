@@ -3,19 +3,15 @@ loses nothing and resends at most the instance that was in flight."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 import redis
 
-from tests.conftest import REPO, storescu, wait_for
+from tests.conftest import storescu, wait_for
 from tests.dicomgen import make_series, write_series
-from tests.peers import StoreSCP, received
+from tests.peers import StoreSCP, Worker, received
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 COUNT = 240
@@ -42,34 +38,6 @@ def _config(dest: StoreSCP, broker: dict) -> dict:
 def _store_requests(dest: StoreSCP) -> int:
     log = (dest.folder.parent / f"{dest.ae_title}.log").read_text(errors="replace")
     return log.count("Received Store Request")
-
-
-class Worker:
-    def __init__(self, config: Path, log: Path) -> None:
-        self.config, self.log_path = config, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Worker:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dicomnode", "worker", "--config", str(self.config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-                start_new_session=True,
-            )
-        wait_for(lambda: "worker ready" in self.log_path.read_text(), 30, what="worker start")
-        return self
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
 
 
 def test_redis_worker_killed_mid_delivery_then_replaced(make_node, tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ import pytest
 from runners.broker import QUEUES
 from tests.conftest import REPO, storescu, wait_for
 from tests.dicomgen import make_series, write_series
-from tests.peers import StoreSCP, free_port, received
+from tests.peers import StoreSCP, Worker, free_port, received
 
 SERVER = "amqp://guest:guest@127.0.0.1:5672"
 
@@ -68,40 +68,6 @@ def amqp_url() -> Iterator[str]:
             for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
                 channel.queue_delete(name)
         conn.close()
-
-
-class Worker:
-    """A ``dicomnode worker`` subprocess, stopped by PID."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        self.config, self.log_path = config, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Worker:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dicomnode", "worker", "--config", str(self.config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-            )
-
-        def ready() -> bool:
-            assert self.proc is not None
-            assert self.proc.poll() is None, self.log()
-            return "worker ready" in self.log()
-
-        wait_for(ready, 30, what="the worker to start")
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
-        self.proc = None
 
 
 def _config(dest: StoreSCP, url: str) -> dict:
