@@ -118,22 +118,7 @@ class HeaderScanner:
             if tag <= last:
                 raise NotHandled("elements out of order")
             last = tag
-            if explicit:
-                vr = buf[pos + 4 : pos + 6]
-                if vr in _SHORT_VRS:
-                    length = _U16.unpack_from(buf, pos + 6)[0]
-                    pos += 8
-                elif vr in _LONG_VRS:
-                    if pos + 12 > end:
-                        raise NotHandled("truncated element header")
-                    length = _U32.unpack_from(buf, pos + 8)[0]
-                    pos += 12
-                else:
-                    raise NotHandled(f"unknown VR {vr!r}")
-            else:
-                vr = b""
-                length = _U32.unpack_from(buf, pos + 4)[0]
-                pos += 8
+            vr, length, pos = _header(buf, pos, explicit)
             if length == _UNDEFINED:
                 if tag in wanted or (explicit and vr not in (b"SQ", b"UN")):
                     raise NotHandled("undefined length outside a sequence")
@@ -154,6 +139,21 @@ class HeaderScanner:
             if not complete:
                 raise NotHandled("the header continues after the prefix")
         return found
+
+
+def _header(buf: bytes, pos: int, explicit: bool) -> tuple[bytes, int, int]:
+    """(VR, value length, value position) of the element header at ``pos``, which the caller
+    has checked to hold at least 8 bytes; the VR is empty for implicit VR."""
+    if not explicit:
+        return b"", _U32.unpack_from(buf, pos + 4)[0], pos + 8
+    vr = buf[pos + 4 : pos + 6]
+    if vr in _SHORT_VRS:
+        return vr, _U16.unpack_from(buf, pos + 6)[0], pos + 8
+    if vr in _LONG_VRS:
+        if pos + 12 > len(buf):
+            raise NotHandled("truncated element header")
+        return vr, _U32.unpack_from(buf, pos + 8)[0], pos + 12
+    raise NotHandled(f"unknown VR {vr!r}")
 
 
 def _skip_sequence(buf: bytes, pos: int, explicit: bool, depth: int) -> int:
@@ -188,22 +188,7 @@ def _skip_item(buf: bytes, pos: int, explicit: bool, depth: int) -> int:
         tag = group << 16 | elem
         if tag == _ITEM_END:
             return pos + 8
-        vr = b""
-        if explicit and group != 0xFFFE:
-            vr = buf[pos + 4 : pos + 6]
-            if vr in _SHORT_VRS:
-                length = _U16.unpack_from(buf, pos + 6)[0]
-                pos += 8
-            elif vr in _LONG_VRS:
-                if pos + 12 > end:
-                    raise NotHandled("truncated element header")
-                length = _U32.unpack_from(buf, pos + 8)[0]
-                pos += 12
-            else:
-                raise NotHandled(f"unknown VR {vr!r}")
-        else:
-            length = _U32.unpack_from(buf, pos + 4)[0]
-            pos += 8
+        vr, length, pos = _header(buf, pos, explicit and group != 0xFFFE)
         if length == _UNDEFINED:
             if explicit and vr not in (b"SQ", b"UN"):
                 raise NotHandled("undefined length outside a sequence")
