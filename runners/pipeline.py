@@ -27,9 +27,9 @@ class PipelineError(DicomNodeError):
     """A pipeline cannot run as configured or on this input (retrying will not help)."""
 
 
-def _input_series(job: Job, spec: ModelSpec) -> dict[str, str]:
-    """Model input name -> series instance UID, from the rule's selected inputs."""
-    chosen: dict[str, str] = {}
+def _input_series(job: Job, spec: ModelSpec) -> dict[str, list[str]]:
+    """Model input name -> the series the rule selected for it."""
+    chosen: dict[str, list[str]] = {}
     groups = dict(job.inputs)
     for i, name in enumerate(spec.inputs):
         uids = groups.get(name)
@@ -40,7 +40,7 @@ def _input_series(job: Job, spec: ModelSpec) -> dict[str, str]:
                 f"model input {name!r} has no series: the rule must select it "
                 f"(rule inputs: {', '.join(groups) or 'none'})"
             )
-        chosen[name] = uids[0]
+        chosen[name] = list(uids)
     return chosen
 
 
@@ -78,10 +78,10 @@ def run_pipeline(engine: Engine, settings: Settings, store: FileStore, job: Job)
     from runners.model import run_model
     from runners.volumes import load_series
 
-    inputs = _input_series(job, spec)
-    for name, uids in job.inputs.items():
-        if len(uids) > 1 and name in inputs:
-            inputs[name] = _largest(engine, uids)
+    inputs: dict[str, str] = {}
+    for name, uids in _input_series(job, spec).items():
+        inputs[name] = uids[0] if len(uids) == 1 else _largest(engine, uids)
+        if len(uids) > 1:
             logger.info(
                 "job %d input %s: %d series match, using the largest", job.id, name, len(uids)
             )
