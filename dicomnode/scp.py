@@ -126,8 +126,8 @@ class _Handler(RequestHandler):
 
     def _create_association(self) -> Any:
         assoc = super()._create_association()
-        _pynetdicom_fast.install(assoc)
         scp: StoreSCP = cast(Any, self.server).dicomnode_scp
+        _pynetdicom_fast.install(assoc, scp.store)
         peer = str(self.client_address[0])
         acse = assoc.acse
         negotiate = acse._negotiate_as_acceptor
@@ -281,22 +281,35 @@ class StoreSCP:
             self.on_association_end(stats)
 
     def _on_store(self, event: Any) -> int:
-        stats = self._stats.get(id(event.assoc))
+        """EVT_C_STORE, for associations pynetdicom serves itself (see _pynetdicom_fast)."""
         req = event.request
+        return self.store(
+            event.assoc,
+            str(event.context.transfer_syntax),
+            str(req.AffectedSOPClassUID),
+            str(req.AffectedSOPInstanceUID),
+            req.DataSet.getbuffer(),
+        )
+
+    def store(
+        self,
+        assoc: Any,
+        transfer_syntax: str,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        dataset: bytes | memoryview,
+    ) -> int:
+        """Ingest one received data set; the C-STORE status to answer with."""
+        stats = self._stats.get(id(assoc))
         try:
-            buffer = req.DataSet.getbuffer()
             source = Source(
                 kind="dicom",
                 calling_ae=stats.calling_ae if stats else None,
                 called_ae=stats.called_ae if stats else None,
-                peer_address=str(event.assoc.requestor.address),
+                peer_address=str(assoc.requestor.address),
             )
             result = self.ingestor.ingest_network(
-                buffer,
-                str(event.context.transfer_syntax),
-                str(req.AffectedSOPClassUID),
-                str(req.AffectedSOPInstanceUID),
-                source,
+                dataset, transfer_syntax, sop_class_uid, sop_instance_uid, source
             )
         except QuarantinedError as exc:
             self._count_failure(stats)
@@ -304,11 +317,11 @@ class StoreSCP:
                 return STATUS["dataset_mismatch"]
             return STATUS["cannot_understand"]
         except StorageError:
-            logger.exception("C-STORE %s not stored", req.AffectedSOPInstanceUID)
+            logger.exception("C-STORE %s not stored", sop_instance_uid)
             self._count_failure(stats)
             return STATUS["out_of_resources"]
         except Exception:
-            logger.exception("C-STORE %s failed unexpectedly", req.AffectedSOPInstanceUID)
+            logger.exception("C-STORE %s failed unexpectedly", sop_instance_uid)
             self._count_failure(stats)
             return STATUS["processing_failure"]
         if stats is not None:
