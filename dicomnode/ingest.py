@@ -30,7 +30,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from dicomnode.errors import QuarantinedError, StorageError
 from dicomnode.headerscan import HeaderScanner, NotHandled
-from dicomnode.partial import unfinished
+from dicomnode.partial import unfinished_dataset
 from storage.db import utcnow
 from storage.filestore import FileStore
 from storage.models import Instance, QuarantineRecord, Series, Study, StudyState
@@ -402,8 +402,7 @@ class Ingestor:
                 )
             # The header is read only up to group 0x0029: a dataset cut short after it (a
             # sender's truncated file) must not be acknowledged as stored.
-            probe = file_meta_bytes(sop_class_uid, sop_instance_uid, transfer_syntax, "")
-            cut = unfinished(b"".join((probe, dataset)))
+            cut = unfinished_dataset(dataset, transfer_syntax)
             if cut is not None and cut.certain:
                 raise ValueError(f"the dataset is truncated: {cut.reason}")
         except Exception as exc:  # any parse failure means the data is unusable as sent

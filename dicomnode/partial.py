@@ -13,7 +13,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-__all__ = ["Unfinished", "unfinished"]
+__all__ = ["Unfinished", "unfinished", "unfinished_dataset"]
 
 _LONG_VRS = frozenset(
     (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV")
@@ -62,6 +62,21 @@ def unfinished(data: bytes) -> Unfinished | None:
     return None
 
 
+def unfinished_dataset(data: bytes | memoryview, transfer_syntax: str) -> Unfinished | None:
+    """Why a bare data set (as C-STORE carries it, no file meta) encoded in
+    ``transfer_syntax`` looks cut short, or None if it looks whole."""
+    buf = memoryview(data)
+    try:
+        _check_dataset(buf, 0, len(buf), transfer_syntax)
+    except _TooShort as exc:
+        return Unfinished(str(exc), certain=False)
+    except _Truncated as exc:
+        return Unfinished(str(exc))
+    except (_Unknown, struct.error, zlib.error, IndexError, ValueError):
+        return None
+    return None
+
+
 def _check(buf: memoryview, size: int) -> None:
     if size < 132:
         if bytes(buf[128:size]) == b"DICM"[: max(0, size - 128)]:
@@ -72,8 +87,12 @@ def _check(buf: memoryview, size: int) -> None:
         _check_bare(buf, size)
         return
     pos, ts = _file_meta(buf, size)
+    _check_dataset(buf, pos, size, ts)
+
+
+def _check_dataset(buf: memoryview, pos: int, size: int, ts: str) -> None:
     if ts in _DEFLATED:
-        _check_deflated(buf[pos:])
+        _check_deflated(buf[pos:size])
     else:
         _dataset(buf, pos, size, explicit=ts != _IMPLICIT_LE, little=ts != _EXPLICIT_BE)
 

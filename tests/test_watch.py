@@ -11,15 +11,17 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import yaml
 from pydicom.data import get_testdata_files
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.fileset import FileSet
 
-from dicomnode.partial import unfinished
+from dicomnode.partial import unfinished, unfinished_dataset
 from tests.conftest import RunningNode, wait_for
 from tests.dicomgen import make_series, write_series
 
@@ -428,7 +430,7 @@ def test_burst_of_300_files_all_ingested_once(make_node: MakeNode, tmp_path: Pat
 def test_completeness_check_on_pydicom_test_files() -> None:
     """Every readable file pydicom ships (all transfer syntaxes, sequences, deflate, big
     endian) is judged whole; the same file cut inside its last element is judged truncated."""
-    checked = 0
+    checked = checked_bare = 0
     for name in get_testdata_files():
         path = Path(name)
         if not path.is_file() or "truncated" in path.name or "no_meta" in path.name:
@@ -447,5 +449,19 @@ def test_completeness_check_on_pydicom_test_files() -> None:
         deflated = "Deflate" in ds.file_meta.TransferSyntaxUID.name
         cut = unfinished(data[: len(data) * 3 // 4 if deflated else -1])
         assert cut is not None and cut.certain, path.name
+        # The same checks on the bare data set, as C-STORE carries it.
+        if data[128:132] == b"DICM":
+            fp = BytesIO(data)
+            read_preamble(fp, force=False)
+            _read_file_meta_info(fp)
+            bare = data[fp.tell() :]
+            syntax = str(ds.file_meta.TransferSyntaxUID)
+            assert unfinished_dataset(bare, syntax) is None, path.name
+            cut = unfinished_dataset(bare[: len(bare) * 3 // 4 if deflated else -1], syntax)
+            assert cut is not None and cut.certain, path.name
+            cut = unfinished_dataset(b"", syntax)
+            assert cut is not None and cut.certain, path.name
+            checked_bare += 1
         checked += 1
     assert checked > 100
+    assert checked_bare > 100
