@@ -307,6 +307,7 @@ class _DUL(DULServiceProvider):
             if (
                 self._kill_thread
                 or not self.to_provider_queue.empty()
+                or not self.event_queue.empty()  # e.g. the connection closed while answering
                 or not self._serving_here()
                 or not cast(_Socket, self.socket).ready
             ):

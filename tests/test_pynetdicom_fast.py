@@ -331,3 +331,19 @@ def test_dcmtk_storescu_with_small_pdus(make_node, tmp_path: Path) -> None:
     for path in files:
         original = pydicom.dcmread(path)
         assert pydicom.dcmread(stored[original.SOPInstanceUID]).PixelData == original.PixelData
+
+
+def test_peer_gone_before_the_response(make_node, ct_files: list[Path]) -> None:
+    """A sender that closes the connection right after its data set: the node notices, logs
+    the association and goes on serving; the data set it received whole is kept (a resend
+    counts as a duplicate)."""
+    node = make_node()
+    ds = pydicom.dcmread(ct_files[0])
+    with RawAssociation(node.port, [CTImageStorage]) as raw:
+        cid = raw.context_ids[CTImageStorage]
+        raw.send_pdvs((cid, 0x03, _c_store_rq(1, ds)), (cid, 0x02, _explicit_le(ds)))
+    wait_for(lambda: "RAWSCU from" in node.log(), what="the association's log line")
+    assert storescu(node.port, ct_files).returncode == 0
+    study = node.studies()[0]
+    assert study["instances"] == len(ct_files)
+    assert study["duplicates"] == 1  # the one it had already kept
