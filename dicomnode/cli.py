@@ -323,7 +323,7 @@ def _serve(settings: Settings) -> int:
         return EXIT["failure"]
     node.install_signal_handlers()
     node.wait()
-    return EXIT["ok"]
+    return EXIT["ok"] if node.failure is None else EXIT["failure"]
 
 
 def _open_index(settings: Settings) -> Any:

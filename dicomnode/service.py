@@ -80,6 +80,7 @@ class Node:
         self.port = 0
         self._children: list[int] = []
         self._stopped = threading.Event()
+        self.failure: str | None = None  # why the node stopped by itself, if it did
         self._scp_thread: threading.Thread | None = None
 
     def _new_ingestor(self, engine: Engine) -> Ingestor:
@@ -158,8 +159,29 @@ class Node:
             os._exit(code)
 
     def wait(self) -> None:
-        """Block until ``stop()`` is called (for example by a signal handler)."""
-        wait_interruptibly(self._stopped)
+        """Block until ``stop()`` is called (for example by a signal handler), or until a
+        serving process ends by itself: then the node stops with ``failure`` set, so that the
+        service manager restarts it rather than leave connections waiting on a socket that
+        fewer processes serve (or none)."""
+        while not self._stopped.wait(0.5):
+            ended = self._ended_child()
+            if ended is not None and not self._stopped.is_set():
+                self.failure = f"serving process {ended[0]} ended ({ended[1]})"
+                logger.error("%s; stopping the node", self.failure)
+                self.stop()
+
+    def _ended_child(self) -> tuple[int, str] | None:
+        for pid in self._children:
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                return pid, "not found"
+            if done:
+                self._children.remove(pid)
+                if os.WIFSIGNALED(status):
+                    return pid, f"killed by signal {os.WTERMSIG(status)}"
+                return pid, f"exit code {os.waitstatus_to_exitcode(status)}"
+        return None
 
     def install_signal_handlers(self) -> None:
         def _handler(signum: int, _frame: FrameType | None) -> None:

@@ -148,3 +148,32 @@ def test_kill_9_during_transfer_loses_nothing_acknowledged(
     assert studies[0]["duplicates"] == len(before)
     assert [s["instances"] for s in studies[0]["series"]] == [N_INSTANCES]
     assert not list(tmp.glob("*.part"))
+
+
+def _children(pid: int) -> list[int]:
+    pids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        pids += [int(p) for p in (task / "children").read_text().split()]
+    return pids
+
+
+@pytest.mark.timeout(120)
+def test_a_serving_process_that_dies_stops_the_node_with_a_failure(
+    make_node, ct_files: list[Path]
+) -> None:
+    """With several serving processes, one killed must not leave connections waiting on a
+    socket fewer processes serve: the node stops with exit code 1 and says why, so that the
+    service manager (Restart=on-failure) starts it again."""
+    node = make_node(node={"processes": 2})
+    assert storescu(node.port, ct_files).returncode == 0
+    assert node.proc is not None
+    children = _children(node.proc.pid)
+    assert len(children) == 2
+    os.kill(children[0], 9)
+    assert node.proc.wait(timeout=30) == 1
+    assert f"serving process {children[0]} ended (killed by signal 9); stopping the node" in (
+        node.log()
+    )
+    # Restarted on the same data, nothing received before is lost.
+    node.start()
+    assert node.studies()[0]["instances"] == len(ct_files)
