@@ -7,8 +7,10 @@ the association thread. Several processes may serve one listening socket (``node
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
+import multiprocessing.sharedctypes
 import socket
 import threading
 import time
@@ -24,7 +26,7 @@ from dicomnode.errors import QuarantinedError, StorageError
 from dicomnode.ingest import Ingestor, Source
 from dicomnode.settings import NodeSettings
 
-__all__ = ["STATUS", "AssociationStats", "StoreSCP", "listening_socket"]
+__all__ = ["STATUS", "AssociationLoad", "AssociationStats", "StoreSCP", "listening_socket"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,24 @@ def listening_socket(host: str, port: int, backlog: int = 128) -> socket.socket:
     sock.bind((host, port))
     sock.listen(backlog)
     return sock
+
+
+class AssociationLoad:
+    """The associations open in all serving processes, for one limit over them all.
+
+    Each process writes how many associations it has open into its own slot of shared
+    memory (created before the serving processes are forked), when one is being negotiated
+    and every 0.2 s; the total is the sum of the slots.
+    """
+
+    def __init__(self, processes: int = 1) -> None:
+        self._slots: Any = multiprocessing.sharedctypes.RawArray(ctypes.c_int, processes)
+        self.slot = 0  # this process's; set in each serving process after the fork
+
+    def publish(self, count: int) -> int:
+        """Record this process's count; returns the total over all processes."""
+        self._slots[self.slot] = count
+        return int(sum(self._slots))
 
 
 _frozen = False
@@ -120,6 +140,11 @@ class _Server(ThreadedAssociationServer):
         # The shared socket belongs to the parent; only stop serving here.
         pass
 
+    def service_actions(self) -> None:
+        """Between requests (at least every poll interval): publish the associations open."""
+        scp: StoreSCP = cast(Any, self).dicomnode_scp
+        scp.publish_load()
+
 
 class _Handler(RequestHandler):
     """Refuses callers the allow-list does not admit with a proper A-ASSOCIATE-RJ."""
@@ -138,13 +163,23 @@ class _Handler(RequestHandler):
             called = str(request.called_ae_title).strip()
             reason = scp.refusal(calling, called, peer)
             if reason is None:
-                negotiate()
-                return
+                total = scp.publish_load()
+                if total <= scp.settings.max_associations:
+                    negotiate()
+                    return
+                reason = (
+                    f"{total - 1} associations already open, node.max_associations is "
+                    f"{scp.settings.max_associations}"
+                )
+                # 0x02 rejected-transient, source 0x03 service-provider (presentation),
+                # 0x02 local limit exceeded: the caller may try again later.
+                rejection = (0x02, 0x03, 0x02)
+            else:
+                # 0x01 rejected-permanent, source 0x01 service-user, 0x03 calling AE not
+                # recognised or 0x07 called AE not recognised.
+                rejection = (0x01, 0x01, 0x07 if reason.startswith("called") else 0x03)
             logger.warning("association refused: calling AE %r from %s: %s", calling, peer, reason)
-            # 0x01 rejected-permanent, source 0x01 service-user, 0x03 calling AE not recognised
-            # or 0x07 called AE not recognised.
-            diagnostic = 0x07 if reason.startswith("called") else 0x03
-            acse.send_reject(0x01, 0x01, diagnostic)
+            acse.send_reject(*rejection)
             evt.trigger(assoc, evt.EVT_REJECTED, {})
             assoc.kill()
 
@@ -163,9 +198,11 @@ class StoreSCP:
         *,
         require_called_ae: bool = False,
         on_association_end: Callable[[AssociationStats], None] | None = None,
+        load: AssociationLoad | None = None,
     ) -> None:
         self.settings = settings
         self.ingestor = ingestor
+        self.load = load if load is not None else AssociationLoad()
         self.require_called_ae = require_called_ae
         self.on_association_end = on_association_end
         self._stats: dict[int, AssociationStats] = {}
@@ -206,6 +243,11 @@ class StoreSCP:
     @property
     def port(self) -> int:
         return int(self.server.server_address[1])
+
+    def publish_load(self) -> int:
+        """Publish this process's open associations; the total over all serving processes."""
+        count = sum(1 for assoc in self.ae.active_associations if assoc.is_acceptor)
+        return self.load.publish(count)
 
     def refusal(self, calling: str, called: str, peer: str) -> str | None:
         """Why an association would be refused, or None when it is admitted."""

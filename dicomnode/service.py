@@ -17,7 +17,7 @@ from sqlalchemy import Engine
 
 from dicomnode.completion import CompletionMonitor
 from dicomnode.ingest import Ingestor
-from dicomnode.scp import StoreSCP, listening_socket
+from dicomnode.scp import AssociationLoad, StoreSCP, listening_socket
 from dicomnode.settings import Settings
 from dicomnode.watch import FolderWatcher
 from runners.dispatch import Dispatcher
@@ -96,12 +96,13 @@ class Node:
         engine.dispose()  # no pooled connection may cross a fork
         sock = listening_socket(s.node.host, s.node.port)
         self.port = sock.getsockname()[1]
+        load = AssociationLoad(s.node.processes)
         if s.node.processes > 1:
-            for _ in range(s.node.processes):
-                self._fork_server(sock)
+            for slot in range(s.node.processes):
+                self._fork_server(sock, load, slot)
         self.engine = make_engine(s.database.url)
         if s.node.processes == 1:
-            self.scp = StoreSCP(s.node, self._new_ingestor(self.engine), sock)
+            self.scp = StoreSCP(s.node, self._new_ingestor(self.engine), sock, load=load)
             self._scp_thread = threading.Thread(
                 target=self.scp.serve_forever, name="scp", daemon=True
             )
@@ -127,7 +128,7 @@ class Node:
         )
         sd_notify("READY=1\nSTATUS=receiving")
 
-    def _fork_server(self, sock: socket.socket) -> None:
+    def _fork_server(self, sock: socket.socket, load: AssociationLoad, slot: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
@@ -139,7 +140,8 @@ class Node:
         try:
             _die_with_parent()
             engine = make_engine(self.settings.database.url)
-            scp = StoreSCP(self.settings.node, self._new_ingestor(engine), sock)
+            load.slot = slot
+            scp = StoreSCP(self.settings.node, self._new_ingestor(engine), sock, load=load)
             done = threading.Event()
 
             def _stop(_signum: int, _frame: FrameType | None) -> None:

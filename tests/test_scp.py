@@ -654,21 +654,31 @@ def test_several_processes_store_parallel_associations(make_node: Any, tmp_path:
     _assert_alive(node)
 
 
-def test_association_limit_refuses_extra_associations(make_node: Any) -> None:
-    node = make_node(node={"max_associations": 1})
-    holder = AE(ae_title="HOLDER")
-    holder.add_requested_context(_VERIFICATION)
-    assoc = holder.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
-    assert assoc.is_established
+@pytest.mark.parametrize("processes", [1, 3])
+def test_association_limit_refuses_extra_associations(make_node: Any, processes: int) -> None:
+    """The limit counts the associations of all serving processes together."""
+    node = make_node(node={"max_associations": 2, "processes": processes})
+    holders = []
+    for name in ("HOLDER1", "HOLDER2"):
+        ae = AE(ae_title=name)
+        ae.add_requested_context(_VERIFICATION)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+        assert assoc.is_established
+        holders.append(assoc)
     try:
         extra = _echo(node.port, "EXTRA")
         assert extra.returncode != 0
         assert "Association Rejected" in extra.stdout + extra.stderr
         assert "Local Limit Exceeded" in extra.stdout + extra.stderr
-        assert assoc.send_c_echo().Status == 0x0000  # the admitted one is unaffected
+        assert "Transient" in extra.stdout + extra.stderr  # the caller may try again later
+        for assoc in holders:  # the admitted ones are unaffected
+            assert assoc.send_c_echo().Status == 0x0000
     finally:
-        assoc.release()
+        holders[0].release()
     wait_for(lambda: _echo(node.port, "AFTER").returncode == 0, what="a free association slot")
+    holders[1].release()
+    assert "calling AE 'EXTRA' from 127.0.0.1: 2 associations already open, " in node.log()
+    assert "node.max_associations is 2" in node.log()
 
 
 def test_multislice_ct_in_one_association(make_node: Any, tmp_path: Path) -> None:
