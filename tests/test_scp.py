@@ -23,7 +23,7 @@ import numpy as np
 import pydicom
 import pytest
 import yaml
-from pydicom.data import get_testdata_file
+from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
@@ -276,6 +276,56 @@ def test_transfer_syntax_is_stored_as_received(
         assert series["modality"] == (str(ds.get("Modality", "")) or None)
         assert series["sop_class_uid"] == ds.SOPClassUID
         assert series["instances"] == 1
+
+
+def test_every_bundled_pydicom_file_is_stored_verbatim_or_quarantined(
+    make_node: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """All of pydicom's own test files that carry file meta (every transfer syntax, odd
+    character sets, sequences, private tags, big endian, broken ones), their data sets sent
+    byte for byte: each is answered, and is then either kept exactly as sent, a duplicate of
+    an earlier file with the same SOP Instance UID, or in quarantine with a reason."""
+    node = make_node()
+    files = []
+    for name in sorted(get_testdata_files()):
+        path = Path(name)
+        try:
+            meta = read_file_meta_info(path)
+        except Exception:
+            continue  # no file meta: nothing tells a sender how to send it
+        if not all(meta.get(k) for k in ("MediaStorageSOPClassUID", "TransferSyntaxUID")):
+            continue
+        if meta.MediaStorageSOPClassUID == "1.2.840.10008.1.3.10":
+            continue  # a DICOMDIR is a file-set's index, never sent by C-STORE
+        files.append(path)
+    assert len(files) > 100
+    statuses: dict[Path, int] = {}
+    for start in range(0, len(files), 40):  # at most 128 presentation contexts each
+        part = files[start : start + 40]
+        statuses.update(zip(part, _send_raw(node.port, part, monkeypatch=monkeypatch), strict=True))
+    _assert_alive(node)
+
+    first_by_uid: dict[str, Path] = {}
+    kept = quarantined = duplicates = 0
+    for path, status in statuses.items():
+        uid = str(read_file_meta_info(path).get("MediaStorageSOPInstanceUID", ""))
+        if status != 0x0000:
+            assert status in (0xC210, 0xA900), f"{path.name}: status 0x{status:04X}"
+            records = _quarantined_for(node, uid)
+            assert records and all(r["reason"] for r in records), f"{path.name} not quarantined"
+            quarantined += 1
+        elif uid in first_by_uid:
+            duplicates += 1
+        else:
+            first_by_uid[uid] = path
+            kept_ts, kept_body = _split(_stored(node, uid))
+            sent_ts, sent_body = _split(path)
+            assert (kept_ts, kept_body) == (sent_ts, sent_body), path.name
+            kept += 1
+    assert kept > 80 and quarantined >= 1
+    indexed = sum(study["instances"] for study in node.studies())
+    assert indexed == kept
+    assert sum(study["duplicates"] for study in node.studies()) == duplicates
 
 
 # --- malformed input over the network -----------------------------------------------------------
