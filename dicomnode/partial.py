@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = ["Unfinished", "unfinished", "unfinished_dataset"]
@@ -51,23 +52,20 @@ def unfinished(data: bytes) -> Unfinished | None:
     """Why ``data`` (a file's content) looks partly written, or None if it looks whole."""
     if not data:
         return Unfinished("the file is empty", certain=False)
-    try:
-        _check(memoryview(data), len(data))
-    except _TooShort as exc:
-        return Unfinished(str(exc), certain=False)
-    except _Truncated as exc:
-        return Unfinished(str(exc))
-    except (_Unknown, struct.error, zlib.error, IndexError, ValueError):
-        return None
-    return None
+    buf = memoryview(data)
+    return _judge(lambda: _check(buf, len(buf)))
 
 
 def unfinished_dataset(data: bytes | memoryview, transfer_syntax: str) -> Unfinished | None:
     """Why a bare data set (as C-STORE carries it, no file meta) encoded in
     ``transfer_syntax`` looks cut short, or None if it looks whole."""
     buf = memoryview(data)
+    return _judge(lambda: _check_dataset(buf, 0, len(buf), transfer_syntax))
+
+
+def _judge(check: Callable[[], None]) -> Unfinished | None:
     try:
-        _check_dataset(buf, 0, len(buf), transfer_syntax)
+        check()
     except _TooShort as exc:
         return Unfinished(str(exc), certain=False)
     except _Truncated as exc:
