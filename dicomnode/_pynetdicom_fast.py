@@ -68,7 +68,7 @@ _C_ECHO_RQ = 0x0030
 _NO_DATA_SET = 0x0101
 _HANDLER_FAILED = 0xC211  # pynetdicom's status for an exception in the C-STORE handler
 
-StoreCallback = Callable[[Any, str, str, str, bytes], int]
+StoreCallback = Callable[[Any, str, str, str, bytes | memoryview], int]
 """``store(assoc, transfer_syntax, sop_class_uid, sop_instance_uid, dataset) -> status``"""
 
 
@@ -223,6 +223,15 @@ class _Request:
     fragments: list[memoryview] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class _Echo:
+    """A C-ECHO request."""
+
+    context_id: int
+    message_id: int
+    sop_class_uid: str
+
+
 class _Unserved(Exception):
     """A message the connection thread leaves to pynetdicom."""
 
@@ -369,17 +378,18 @@ class _DUL(DULServiceProvider):
             pos += 4 + length
         if not pdvs:
             return self._leave("P-DATA-TF without PDVs")
+        first: _Request | _Echo | None = None
         if self._request is None:
             # A new message: served here only when its whole command set is in this PDU.
             context_id, control, data = pdvs[0]
             if control & 0x01 == 0 or control & 0x02 == 0:
                 return self._leave("message does not start with a whole command set")
             try:
-                self._check_command(context_id, data)
+                first = self._message(context_id, data)
             except _Unserved as exc:
                 return self._leave(str(exc))
-        for context_id, control, data in pdvs:
-            self._serve_pdv(context_id, control, data)
+        for i, (context_id, control, data) in enumerate(pdvs):
+            self._serve_pdv(context_id, control, data, first if i == 0 else None)
         return True
 
     def _leave(self, why: str) -> bool:
@@ -392,45 +402,47 @@ class _DUL(DULServiceProvider):
         requestor = self.assoc.requestor
         return f"{str(requestor.ae_title).strip()} at {requestor.address}"
 
-    def _check_command(self, context_id: int, data: memoryview) -> None:
+    def _message(self, context_id: int, data: memoryview) -> _Request | _Echo:
+        """The request a whole command set starts; raises _Unserved for one not served here."""
         assert self._transfer_syntaxes is not None
-        if context_id not in self._transfer_syntaxes:
+        transfer_syntax = self._transfer_syntaxes.get(context_id)
+        if transfer_syntax is None:
             raise _Unserved(f"presentation context {context_id} was not accepted")
         elements = _command(data)
         command = _us(elements, 0x0100)
         has_data_set = _us(elements, 0x0800) != _NO_DATA_SET
+        message_id = _us(elements, 0x0110)
+        sop_class = _uid(elements, 0x0002)
         if command == _C_STORE_RQ and has_data_set:
-            _uid(elements, 0x1000)
-        elif command != _C_ECHO_RQ or has_data_set:
-            raise _Unserved(f"command 0x{command:04X} is not served here")
-        _us(elements, 0x0110)
-        _uid(elements, 0x0002)
+            return _Request(
+                context_id, message_id, sop_class, _uid(elements, 0x1000), transfer_syntax
+            )
+        if command == _C_ECHO_RQ and not has_data_set:
+            return _Echo(context_id, message_id, sop_class)
+        raise _Unserved(f"command 0x{command:04X} is not served here")
 
-    def _serve_pdv(self, context_id: int, control: int, data: memoryview) -> None:
+    def _serve_pdv(
+        self, context_id: int, control: int, data: memoryview, parsed: _Request | _Echo | None
+    ) -> None:
         request = self._request
         if control & 0x01:  # command fragment
             if request is not None:
                 raise _ProtocolError("a command arrived before the data set of the last one ended")
             if control & 0x02 == 0:
                 raise _ProtocolError("a fragmented command set after a served message")
-            try:
-                self._check_command(context_id, data)
-            except _Unserved as exc:
-                raise _ProtocolError(f"cannot serve the next message in this PDU: {exc}") from exc
-            elements = _command(data)
-            message_id = _us(elements, 0x0110)
-            sop_class = _uid(elements, 0x0002)
-            if _us(elements, 0x0100) == _C_ECHO_RQ:
-                self._respond(c_echo_rsp_pdu(context_id, message_id, sop_class, 0x0000))
-                return
-            assert self._transfer_syntaxes is not None
-            self._request = _Request(
-                context_id,
-                message_id,
-                sop_class,
-                _uid(elements, 0x1000),
-                self._transfer_syntaxes[context_id],
-            )
+            if parsed is None:
+                try:
+                    parsed = self._message(context_id, data)
+                except _Unserved as exc:
+                    raise _ProtocolError(
+                        f"cannot serve the next message in this PDU: {exc}"
+                    ) from exc
+            if isinstance(parsed, _Echo):
+                self._respond(
+                    c_echo_rsp_pdu(parsed.context_id, parsed.message_id, parsed.sop_class_uid, 0)
+                )
+            else:
+                self._request = parsed
             return
         if request is None:
             raise _ProtocolError("a data set fragment without a command")
@@ -443,7 +455,7 @@ class _DUL(DULServiceProvider):
 
     def _complete(self, request: _Request) -> None:
         fragments = request.fragments
-        dataset = bytes(fragments[0]) if len(fragments) == 1 else b"".join(fragments)
+        dataset = fragments[0] if len(fragments) == 1 else b"".join(fragments)
         request.fragments = []
         store = self._store
         assert store is not None
