@@ -27,6 +27,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEnd
 from sqlalchemy import Engine, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import configure_mappers
 
 from dicomnode.errors import QuarantinedError, StorageError
 from dicomnode.headerscan import HeaderScanner, NotHandled
@@ -437,6 +438,20 @@ class Ingestor:
         if data is None:
             data = path.read_bytes()
         raise self._quarantine((data,), reason, source, original=str(path))
+
+    def warm_up(self) -> None:
+        """Compile the statements every instance runs, once, in a transaction that is rolled
+        back. Serving processes forked afterwards inherit the engine's compiled forms (and
+        the configured mappers) instead of each paying for them on its first instances."""
+        configure_mappers()
+        now = utcnow()
+        with self.engine.connect() as conn:
+            conn.execute(_FIND_INSTANCE, {"b_sop_uid": ""}).first()
+            conn.execute(
+                _ADD_TO_RECEIVING_STUDY, {"b_pk": -1, "b_uid": "", "b_size": 0, "b_now": now}
+            ).all()
+            conn.execute(_ADD_TO_SERIES, {"b_pk": -1, "b_uid": "", "b_size": 0, "b_now": now})
+            conn.rollback()
 
     def touch(self, study_uids: Iterable[str]) -> None:
         """Restart the quiet period of these studies (an association that sent them ended)."""

@@ -93,14 +93,15 @@ class Node:
         self.store.prepare()
         engine = make_engine(s.database.url)
         upgrade_schema(engine)
+        self._new_ingestor(engine).warm_up()
         engine.dispose()  # no pooled connection may cross a fork
         sock = listening_socket(s.node.host, s.node.port)
         self.port = sock.getsockname()[1]
         load = AssociationLoad(s.node.processes)
         if s.node.processes > 1:
             for slot in range(s.node.processes):
-                self._fork_server(sock, load, slot)
-        self.engine = make_engine(s.database.url)
+                self._fork_server(sock, load, slot, engine)
+        self.engine = engine
         if s.node.processes == 1:
             self.scp = StoreSCP(s.node, self._new_ingestor(self.engine), sock, load=load)
             self._scp_thread = threading.Thread(
@@ -128,7 +129,9 @@ class Node:
         )
         sd_notify("READY=1\nSTATUS=receiving")
 
-    def _fork_server(self, sock: socket.socket, load: AssociationLoad, slot: int) -> None:
+    def _fork_server(
+        self, sock: socket.socket, load: AssociationLoad, slot: int, engine: Engine
+    ) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
@@ -139,7 +142,8 @@ class Node:
         code = 0
         try:
             _die_with_parent()
-            engine = make_engine(self.settings.database.url)
+            # The parent's engine, warmed up, with a pool of this process's own.
+            engine.dispose(close=False)
             load.slot = slot
             scp = StoreSCP(self.settings.node, self._new_ingestor(engine), sock, load=load)
             done = threading.Event()
