@@ -54,6 +54,9 @@ logger = logging.getLogger(__name__)
 
 WAIT = 0.005  # seconds a reactor thread waits for its event instead of sleeping blind
 IDLE_WAIT = 0.1  # seconds the association thread waits while the connection thread serves
+# Upper layer states in which the connection thread waits for the peer, not for this node:
+# awaiting the A-ASSOCIATE-RQ, data transfer, awaiting the connection close.
+_PEER_STATES = frozenset(("Sta2", "Sta6", "Sta13"))
 _SENT_EVENTS = (evt.EVT_DIMSE_SENT, evt.EVT_PDU_SENT, evt.EVT_DATA_SENT)
 # Events whose handlers would miss what the connection thread serves itself (the store
 # callback stands for the EVT_C_STORE handler).
@@ -188,8 +191,12 @@ class _Socket(AssociationSocket):
         sock = self.socket
         if sock is None or self._is_connected is False or isinstance(sock, ssl.SSLSocket):
             return bool(super().ready)
+        # Wait for the peer only in states where nothing else can come: when the association
+        # thread is to answer (accept, release), its answer is queued for this thread, which
+        # must not sit in select meanwhile.
+        state = self.assoc.dul.state_machine.current_state
         try:
-            readable, _, _ = select.select([sock], [], [], WAIT)
+            readable, _, _ = select.select([sock], [], [], WAIT if state in _PEER_STATES else 0)
         except (OSError, TimeoutError, ValueError):
             self.event_queue.put("Evt17")  # transport connection closed
             return False
