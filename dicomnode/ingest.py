@@ -275,7 +275,7 @@ def file_meta_bytes(sop_class: str, sop_uid: str, transfer_syntax: str, source_a
 
 # Statements of the per-instance path, built once: building a Core statement (values(),
 # where(), its cache key) costs more CPU than executing it. Only parameters change per instance.
-_FIND_INSTANCE = select(Instance.id, Instance.study_pk).where(
+_FIND_INSTANCE = select(Instance.id, Instance.study_pk, Instance.path).where(
     Instance.sop_instance_uid == bindparam("b_sop_uid")
 )
 _COUNT_INSTANCE_DUPLICATE = (
@@ -508,8 +508,12 @@ class Ingestor:
     ) -> IngestResult:
         relative = self.store.relative_path(header.study_uid, header.series_uid, header.sop_uid)
         try:
-            if self._count_duplicate(header.sop_uid):
-                return self._duplicate(header, relative)
+            # An indexed instance always has its file, so where there is none (the usual
+            # case) the index need not be asked before storing.
+            if self.store.absolute(relative).exists():
+                indexed = self._count_duplicate(header.sop_uid)
+                if indexed is not None:
+                    return self._duplicate(header, indexed)
             tmp, size = self.store.write_temp(chunks)
             try:
                 self.store.commit_temp(tmp, relative)
@@ -518,10 +522,15 @@ class Ingestor:
             try:
                 self._index(header, transfer_syntax, relative, size, source)
             except IntegrityError:
-                # Another association indexed the same SOP Instance UID meanwhile.
-                if self._count_duplicate(header.sop_uid):
-                    return self._duplicate(header, relative)
-                raise
+                # The SOP Instance UID is indexed already: another association indexed it
+                # meanwhile, or it came before under other study or series UIDs (then the
+                # file just written is not the indexed one and goes again).
+                indexed = self._count_duplicate(header.sop_uid)
+                if indexed is None:
+                    raise
+                if indexed != relative:
+                    self.store.absolute(relative).unlink(missing_ok=True)
+                return self._duplicate(header, indexed)
         except (OSError, SQLAlchemyError) as exc:
             raise StorageError(f"could not keep {header.sop_uid}: {_describe(exc)}") from exc
         return IngestResult(
@@ -532,16 +541,17 @@ class Ingestor:
         logger.debug("duplicate instance %s", header.sop_uid)
         return IngestResult(True, header.study_uid, header.series_uid, header.sop_uid, 0, relative)
 
-    def _count_duplicate(self, sop_uid: str) -> bool:
+    def _count_duplicate(self, sop_uid: str) -> str | None:
+        """Count one more copy of an indexed instance; its path, or None if not indexed."""
         with self.engine.connect() as conn:
             row = conn.execute(_FIND_INSTANCE, {"b_sop_uid": sop_uid}).first()
             if row is None:
-                return False
+                return None
             with self._writer:
                 conn.execute(_COUNT_INSTANCE_DUPLICATE, {"b_pk": row.id})
                 conn.execute(_COUNT_STUDY_DUPLICATE, {"b_pk": row.study_pk})
                 conn.commit()
-            return True
+            return str(row.path)
 
     def _index_known(
         self, header: _Header, instance: dict[str, Any], size: int, now: datetime

@@ -3,6 +3,7 @@ against a real SQLite index in a temporary folder."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
@@ -276,6 +277,40 @@ def test_duplicate_is_counted_not_stored_twice(ingestor: Ingestor, ct_files: lis
     assert sorted((n, d) for _, n, d in studies) == [(1, 1), (3, 1)]
     files = list((ingestor.store.root / "studies").rglob("*.dcm"))
     assert len(files) == 4
+
+
+def test_same_sop_instance_under_other_study_uids_is_a_duplicate_and_leaves_no_file(
+    ingestor: Ingestor,
+) -> None:
+    """A SOP Instance UID the index holds, sent again with other study and series UIDs: a
+    duplicate of the first; the first file stays, nothing else is left under the root."""
+    original = make_series(1)[0]
+    kept = send(ingestor, original)
+    other = copy.deepcopy(original)
+    other.StudyInstanceUID = generate_uid()
+    other.SeriesInstanceUID = generate_uid()
+    again = send(ingestor, other)
+    assert again.duplicate  # type: ignore[attr-defined]
+    assert again.path == kept.path  # type: ignore[attr-defined]
+    files = list((ingestor.store.root / "studies").rglob("*.dcm"))
+    assert files == [ingestor.store.absolute(kept.path)]  # type: ignore[attr-defined]
+    assert pydicom.dcmread(files[0]).StudyInstanceUID == original.StudyInstanceUID
+    assert count(ingestor.engine, Instance) == 1
+    with ingestor.engine.connect() as conn:
+        assert conn.execute(select(Instance.duplicates)).scalar_one() == 1
+
+
+def test_an_indexed_file_removed_by_hand_is_written_again_by_a_resend(
+    ingestor: Ingestor,
+) -> None:
+    ds = make_series(1)[0]
+    kept = send(ingestor, ds)
+    path = ingestor.store.absolute(kept.path)  # type: ignore[attr-defined]
+    path.unlink()
+    again = send(ingestor, ds)
+    assert again.duplicate  # type: ignore[attr-defined]
+    assert pydicom.dcmread(path).SOPInstanceUID == ds.SOPInstanceUID
+    assert count(ingestor.engine, Instance) == 1
 
 
 def test_late_instance_reopens_the_study_as_version_2(ingestor: Ingestor) -> None:
