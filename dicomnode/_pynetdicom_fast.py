@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import queue
 import select
+import socket
 import ssl
 import struct
 from collections.abc import Callable
@@ -208,26 +209,60 @@ class _Socket(AssociationSocket):
             return super().recv(nr_bytes)
         data = bytearray(nr_bytes)
         view = memoryview(data)
+        received = self._fill(sock, view)
+        del view
+        return data if received == nr_bytes else data[:received]
+
+    def recv_into(self, view: memoryview) -> bool:
+        """Fill ``view`` from the socket; False when the connection closed first."""
+        sock = self.socket
+        if sock is None:
+            return False
+        if isinstance(sock, ssl.SSLSocket):
+            data = super().recv(len(view))
+            view[: len(data)] = data
+            return len(data) == len(view)
+        return self._fill(sock, view) == len(view)
+
+    @staticmethod
+    def _fill(sock: socket.socket, view: memoryview) -> int:
+        """Bytes read into ``view`` until it is full or the connection closed."""
         received = 0
-        while received < nr_bytes:
-            n = sock.recv_into(view[received:], nr_bytes - received)
+        size = len(view)
+        while received < size:
+            n = sock.recv_into(view[received:], size - received)
             if not n:  # connection closed: what arrived so far, as pynetdicom does
-                del view
-                return data[:received]
+                break
             received += n
-        return data
+        return received
 
 
 @dataclass
 class _Request:
-    """A C-STORE request whose data set is still arriving."""
+    """A C-STORE request whose data set is still arriving, gathered in one buffer."""
 
     context_id: int
     message_id: int
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax: str
-    fragments: list[memoryview] = field(default_factory=list)
+    buffer: bytearray = field(default_factory=bytearray)
+    size: int = 0
+
+    def room(self, n: int) -> memoryview:
+        """The next ``n`` bytes of the buffer (grown as needed), for a fragment to go."""
+        end = self.size + n
+        if end > len(self.buffer):
+            self.buffer.extend(bytes(max(end, 2 * len(self.buffer)) - len(self.buffer)))
+        return memoryview(self.buffer)[self.size : end]
+
+    def add(self, data: memoryview) -> None:
+        with self.room(len(data)) as room:
+            room[:] = data
+        self.size += len(data)
+
+    def data_set(self) -> memoryview:
+        return memoryview(self.buffer)[: self.size]
 
 
 @dataclass(frozen=True)
@@ -289,6 +324,7 @@ class _DUL(DULServiceProvider):
     _pynetdicom_serves = False  # a message went to pynetdicom: it serves the rest
     _request: _Request | None = None
     _transfer_syntaxes: dict[int, str] | None = None
+    _capacity = 0  # buffer size for the next data set: the size of the last one
 
     @property
     def serves_here(self) -> bool:
@@ -344,7 +380,24 @@ class _DUL(DULServiceProvider):
                 logger.error("unknown PDU type 0x%02X received", pdu_type)
                 self.event_queue.put("Evt19")  # unrecognised or invalid PDU
                 return False
-            body = sock.recv(length)
+            request = self._request
+            if pdu_type == 0x04 and request is not None and length > 6:
+                # Most likely one more fragment of the data set being received, alone in
+                # its PDU: its value goes straight into the request's buffer.
+                pdv = sock.recv(6)
+                if len(pdv) != 6:
+                    self.event_queue.put("Evt17")
+                    return False
+                pdv_length, context_id, control = _PDV_HEADER.unpack(pdv)
+                if (
+                    pdv_length + 4 == length
+                    and context_id == request.context_id
+                    and control & 0x01 == 0
+                ):
+                    return self._receive_fragment(sock, request, pdv_length - 2, control)
+                body = pdv + sock.recv(length - 6)
+            else:
+                body = sock.recv(length)
         except (OSError, TimeoutError):
             self.event_queue.put("Evt17")
             return False
@@ -369,6 +422,23 @@ class _DUL(DULServiceProvider):
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
         return False
+
+    def _receive_fragment(
+        self, sock: AssociationSocket, request: _Request, n: int, control: int
+    ) -> bool:
+        """Read a data set fragment of ``n`` bytes into the request's buffer; then, if it
+        is the last, store the data set and answer."""
+        assert isinstance(sock, _Socket)
+        with request.room(n) as room:
+            whole = sock.recv_into(room)
+        if not whole:
+            self.event_queue.put("Evt17")  # the connection closed inside the fragment
+            return False
+        request.size += n
+        if control & 0x02:  # last fragment
+            self._request = None
+            self._complete(request)
+        return True
 
     def _serve_p_data(self, body: memoryview) -> bool:
         """Serve the PDVs of one P-DATA-TF PDU; False (nothing consumed) when it is for
@@ -449,21 +519,21 @@ class _DUL(DULServiceProvider):
                     c_echo_rsp_pdu(parsed.context_id, parsed.message_id, parsed.sop_class_uid, 0)
                 )
             else:
+                parsed.buffer = bytearray(self._capacity)
                 self._request = parsed
             return
         if request is None:
             raise _ProtocolError("a data set fragment without a command")
         if context_id != request.context_id:
             raise _ProtocolError("a data set fragment on another presentation context")
-        request.fragments.append(data)
+        request.add(data)
         if control & 0x02:  # last fragment
             self._request = None
             self._complete(request)
 
     def _complete(self, request: _Request) -> None:
-        fragments = request.fragments
-        dataset = fragments[0] if len(fragments) == 1 else b"".join(fragments)
-        request.fragments = []
+        dataset = request.data_set()
+        self._capacity = request.size  # the next data set is likely as large
         store = self._store
         assert store is not None
         try:

@@ -279,9 +279,17 @@ def test_broken_message_sequences_abort_the_association(make_node, ct_files: lis
         raw.send_pdvs((cid, 0x03, _c_store_rq(1, ds)), (cid, 0x00, data[:1000]))
         raw.send_pdvs((cid, 0x03, _c_store_rq(2, ds)))
         assert raw.read_pdu()[0] == 0x07
-    wait_for(lambda: node.log().count("RAWSCU from") == 2, what="two association log lines")
-    assert node.log().count("0 stored, 0 duplicate, 0 failed, 0 bytes") == 2
+    # A data set fragment on another presentation context than its command's.
+    with RawAssociation(node.port, [CTImageStorage, Verification]) as raw:
+        cid = raw.context_ids[CTImageStorage]
+        other = raw.context_ids[Verification]
+        raw.send_pdvs((cid, 0x03, _c_store_rq(1, ds)), (cid, 0x00, data[:1000]))
+        raw.send_pdvs((other, 0x02, data[1000:]))
+        assert raw.read_pdu()[0] == 0x07
+    wait_for(lambda: node.log().count("RAWSCU from") == 3, what="three association log lines")
+    assert node.log().count("0 stored, 0 duplicate, 0 failed, 0 bytes") == 3
     assert "aborted: a command arrived before the data set of the last one ended" in node.log()
+    assert "aborted: a data set fragment on another presentation context" in node.log()
     assert node.storage_files() == []
     # The node goes on serving other associations.
     assert storescu(node.port, ct_files[:2]).returncode == 0
@@ -336,13 +344,22 @@ def test_dcmtk_storescu_with_small_pdus(make_node, tmp_path: Path) -> None:
 def test_peer_gone_before_the_response(make_node, ct_files: list[Path]) -> None:
     """A sender that closes the connection right after its data set: the node notices, logs
     the association and goes on serving; the data set it received whole is kept (a resend
-    counts as a duplicate)."""
+    counts as a duplicate). One that leaves inside a fragment leaves nothing behind."""
     node = make_node()
     ds = pydicom.dcmread(ct_files[0])
     with RawAssociation(node.port, [CTImageStorage]) as raw:
         cid = raw.context_ids[CTImageStorage]
         raw.send_pdvs((cid, 0x03, _c_store_rq(1, ds)), (cid, 0x02, _explicit_le(ds)))
-    wait_for(lambda: "RAWSCU from" in node.log(), what="the association's log line")
+    # And one that leaves in the middle of a data set fragment: nothing of it is kept.
+    cut = pydicom.dcmread(ct_files[1])
+    data = _explicit_le(cut)
+    with RawAssociation(node.port, [CTImageStorage]) as raw:
+        cid = raw.context_ids[CTImageStorage]
+        raw.send_pdvs((cid, 0x03, _c_store_rq(1, cut)))
+        pdv = struct.pack(">IBB", len(data) + 2, cid, 0x02) + data
+        raw.sock.sendall(struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv[: len(pdv) // 2])
+    wait_for(lambda: node.log().count("RAWSCU from") == 2, what="two association log lines")
+    assert node.log().count("0 stored, 0 duplicate, 0 failed, 0 bytes") == 1
     assert storescu(node.port, ct_files).returncode == 0
     study = node.studies()[0]
     assert study["instances"] == len(ct_files)
