@@ -400,6 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for i, make in enumerate(receivers):
                 for associations in (1, 4):
                     folder = work / f"r{rnd}-{i}-{associations}"
+                    # Every run starts with no write-back or discards of earlier runs pending.
+                    os.sync()
                     result = _run(make, folder, files, sop_uids, associations)
                     collected.setdefault((i, associations), []).append(result)
                     print(
