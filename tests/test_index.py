@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
+import sqlite3
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -311,6 +313,36 @@ def test_an_indexed_file_removed_by_hand_is_written_again_by_a_resend(
     assert again.duplicate  # type: ignore[attr-defined]
     assert pydicom.dcmread(path).SOPInstanceUID == ds.SOPInstanceUID
     assert count(ingestor.engine, Instance) == 1
+
+
+def test_instances_of_a_known_series_are_indexed_like_the_first(ingestor: Ingestor) -> None:
+    """The first instance of a series is indexed through SQLAlchemy, the next ones (on SQLite)
+    on the driver's cursor: the rows must not tell which."""
+    series = make_series(3)
+    for ds in series:
+        send(ingestor, ds)
+    database = ingestor.engine.url.database
+    assert database is not None
+    db = sqlite3.connect(database)
+    db.row_factory = sqlite3.Row
+    try:
+        rows = [dict(r) for r in db.execute("SELECT * FROM instances ORDER BY id")]
+        study = dict(db.execute("SELECT * FROM studies").fetchone())
+        series_row = dict(db.execute("SELECT * FROM series").fetchone())
+    finally:
+        db.close()
+    stamp = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}$")
+    varying = {"id", "sop_instance_uid", "instance_number", "path", "received_at"}
+    first = {k: v for k, v in rows[0].items() if k not in varying}
+    for row in rows:
+        assert stamp.match(row["received_at"]), row["received_at"]
+        assert {k: v for k, v in row.items() if k not in varying} == first
+        assert {k: type(v) for k, v in row.items()} == {k: type(v) for k, v in rows[0].items()}
+    assert [r["instance_number"] for r in rows] == [1, 2, 3]
+    assert (study["instances"], series_row["instances"]) == (3, 3)
+    assert study["size_bytes"] == series_row["size_bytes"] == sum(r["size_bytes"] for r in rows)
+    assert stamp.match(study["last_received_at"]) and stamp.match(series_row["last_received_at"])
+    assert study["last_received_at"] == rows[-1]["received_at"]
 
 
 def test_late_instance_reopens_the_study_as_version_2(ingestor: Ingestor) -> None:
