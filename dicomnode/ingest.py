@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset, read_preamble
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
-from sqlalchemy import Engine, bindparam, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import configure_mappers
@@ -353,7 +353,7 @@ class _DriverStatement:
             name: bind.value for name, bind in compiled.binds.items() if not bind.required
         }
 
-    def run(self, cursor: sqlite3.Cursor, values: dict[str, Any]) -> sqlite3.Cursor:
+    def run(self, connection: sqlite3.Connection, values: dict[str, Any]) -> sqlite3.Cursor:
         params = []
         for name in self._names:
             value = values[name] if name in values else self._fixed[name]
@@ -361,14 +361,22 @@ class _DriverStatement:
                 value = value.strftime("%Y-%m-%d %H:%M:%S.%f")
             params.append(value)
         try:
-            return cursor.execute(self.sql, params)
+            return connection.execute(self.sql, params)
         except sqlite3.Error as exc:  # raised as SQLAlchemy would (IntegrityError, ...)
             raise DBAPIError.instance(self.sql, params, exc, sqlite3.Error) from exc
 
 
-_SQLITE_ADD_TO_RECEIVING_STUDY = _DriverStatement(_ADD_TO_RECEIVING_STUDY)
-_SQLITE_ADD_TO_SERIES = _DriverStatement(_ADD_TO_SERIES)
-_SQLITE_INSERT_INSTANCE = _DriverStatement(_INSERT_INSTANCE, _INSTANCE_KEYS)
+class _Hot:
+    """A statement every instance runs, with its rendering for SQLite's own cursor."""
+
+    def __init__(self, stmt: Any, column_keys: Sequence[str] | None = None) -> None:
+        self.stmt = stmt
+        self.driver = _DriverStatement(stmt, column_keys)
+
+
+_HOT_ADD_TO_STUDY = _Hot(_ADD_TO_RECEIVING_STUDY)
+_HOT_ADD_TO_SERIES = _Hot(_ADD_TO_SERIES)
+_HOT_INSERT_INSTANCE = _Hot(_INSERT_INSTANCE, _INSTANCE_KEYS)
 
 
 class _WriterLock:
@@ -617,24 +625,25 @@ class Ingestor:
         if pks is None:
             return False
         study_pk, series_pk = pks
-        if self._dialect == "sqlite":
-            return self._index_known_sqlite(header, instance, size, now, study_pk, series_pk)
         try:
             with self._writer, self.engine.begin() as conn:
-                version = conn.execute(
-                    _ADD_TO_RECEIVING_STUDY,
+                version, _ = self._write(
+                    conn,
+                    _HOT_ADD_TO_STUDY,
                     {"b_pk": study_pk, "b_uid": header.study_uid, "b_size": size, "b_now": now},
-                ).scalar()
+                )
                 if version is None:
                     raise _NotKnown
-                added = conn.execute(
-                    _ADD_TO_SERIES,
+                _, added = self._write(
+                    conn,
+                    _HOT_ADD_TO_SERIES,
                     {"b_pk": series_pk, "b_uid": header.series_uid, "b_size": size, "b_now": now},
                 )
-                if added.rowcount != 1:
+                if added != 1:
                     raise _NotKnown
-                conn.execute(
-                    _INSERT_INSTANCE,
+                self._write(
+                    conn,
+                    _HOT_INSERT_INSTANCE,
                     {
                         **instance,
                         "study_pk": study_pk,
@@ -647,56 +656,18 @@ class Ingestor:
             return False
         return True
 
-    def _index_known_sqlite(
-        self,
-        header: _Header,
-        instance: dict[str, Any],
-        size: int,
-        now: datetime,
-        study_pk: int,
-        series_pk: int,
-    ) -> bool:
-        """_index_known's three statements on SQLite's own cursor, in SQLAlchemy's
-        transaction (the driver begins it before the first statement, SQLAlchemy commits)."""
-        key = (header.study_uid, header.series_uid)
-        try:
-            with self._writer, self.engine.begin() as conn:
-                driver = conn.connection.driver_connection
-                assert isinstance(driver, sqlite3.Connection)
-                cursor = driver.cursor()
-                try:
-                    row = _SQLITE_ADD_TO_RECEIVING_STUDY.run(
-                        cursor,
-                        {"b_pk": study_pk, "b_uid": header.study_uid, "b_size": size, "b_now": now},
-                    ).fetchone()
-                    if row is None:
-                        raise _NotKnown
-                    added = _SQLITE_ADD_TO_SERIES.run(
-                        cursor,
-                        {
-                            "b_pk": series_pk,
-                            "b_uid": header.series_uid,
-                            "b_size": size,
-                            "b_now": now,
-                        },
-                    )
-                    if added.rowcount != 1:
-                        raise _NotKnown
-                    _SQLITE_INSERT_INSTANCE.run(
-                        cursor,
-                        {
-                            **instance,
-                            "study_pk": study_pk,
-                            "series_pk": series_pk,
-                            "study_version": row[0],
-                        },
-                    )
-                finally:
-                    cursor.close()
-        except _NotKnown:
-            self._known.pop(key, None)
-            return False
-        return True
+    def _write(self, conn: Connection, statement: _Hot, values: dict[str, Any]) -> tuple[Any, int]:
+        """Run one of the statements every instance runs: (first value returned, if any;
+        rows changed). On SQLite it goes to the driver's cursor, in the same transaction."""
+        if self._dialect == "sqlite":
+            driver = conn.connection.driver_connection
+            assert isinstance(driver, sqlite3.Connection)
+            cursor = statement.driver.run(driver, values)
+            row = cursor.fetchone() if cursor.description else None
+            return (row[0] if row else None), cursor.rowcount
+        result = conn.execute(statement.stmt, values)
+        first = result.first() if result.returns_rows else None
+        return (first[0] if first else None), result.rowcount
 
     def _index(
         self, header: _Header, transfer_syntax: str, relative: str, size: int, source: Source
