@@ -12,8 +12,10 @@ interpreter lock for each instance.
 
 - its connection (``_DUL``) serves C-STORE and C-ECHO requests itself once the association is
   established: the connection thread reads each P-DATA-TF PDU, takes the command set apart by
-  hand (a handful of group 0000 elements in implicit VR little endian), gathers the data set
-  fragments, calls the store callback given to :func:`install` and writes the response
+  hand (a handful of group 0000 elements in implicit VR little endian), reads the data set
+  fragments into one buffer (straight from the socket when a fragment is alone in its PDU,
+  as DCMTK and pynetdicom send them; sized by the previous data set), calls the store
+  callback given to :func:`install` and writes the response
   (:func:`c_store_rsp_pdu`, byte for byte what pynetdicom would send, proved by
   tests/test_pynetdicom_fast.py). The association thread only waits for release or abort.
   Any other PDU (release, abort, a malformed one) and any message it does not serve (another
@@ -21,7 +23,8 @@ interpreter lock for each instance.
   pynetdicom unchanged, which then serves the rest of that association as it always does;
 - its socket (``_Socket``) reads a PDU with a few ``recv_into`` calls, and its ``ready`` check
   waits on the socket for up to ``WAIT`` seconds instead of returning at once, so the
-  connection thread wakes as soon as data arrives rather than after its next sleep;
+  connection thread wakes as soon as data arrives rather than after its next sleep (but not
+  while an answer of the association thread, A-ASSOCIATE-AC or A-RELEASE-RP, is due);
 - its DIMSE provider (``_DIMSE``), for associations pynetdicom serves, waits on its message
   queue for up to ``WAIT`` seconds when the association reactor polls it, and writes a plain
   C-STORE response from the association thread instead of queueing it.
