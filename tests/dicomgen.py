@@ -6,9 +6,11 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-__all__ = ["CT_IMAGE_STORAGE", "MR_IMAGE_STORAGE", "make_series", "write_series"]
+__all__ = ["CT_IMAGE_STORAGE", "MR_IMAGE_STORAGE", "encoded", "make_series", "write_series"]
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -131,3 +133,13 @@ def mni_t1_series(folder: Path, series_description: str = "T1 MNI152") -> list[P
         ds.PixelData = scaled[k].tobytes()
         ds.BodyPartExamined = "HEAD"
     return write_series(folder, datasets)
+
+
+def encoded(ds: Dataset, transfer_syntax: str = ExplicitVRLittleEndian) -> bytes:
+    """A data set as C-STORE carries it: no file meta, little endian, explicit VR unless
+    ``transfer_syntax`` is implicit VR little endian."""
+    fp = DicomBytesIO()
+    fp.is_little_endian = True
+    fp.is_implicit_VR = transfer_syntax == ImplicitVRLittleEndian
+    write_dataset(fp, ds)
+    return fp.getvalue()

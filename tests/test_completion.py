@@ -13,8 +13,6 @@ from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import Engine, event, select
 
@@ -26,7 +24,7 @@ from storage.db import make_engine, upgrade_schema
 from storage.filestore import FileStore
 from storage.models import CompletionEvent, Instance, Study
 from tests.conftest import RunningNode, storescu, wait_for
-from tests.dicomgen import make_series, write_series
+from tests.dicomgen import encoded, make_series, write_series
 
 SETTLE = 5.0
 
@@ -192,17 +190,6 @@ class Clock:
     def set(self, seconds: float) -> datetime:
         self.now = self.at(seconds)
         return self.now
-
-
-def encoded(ds: Dataset) -> bytes:
-    """A dataset as a C-STORE carries it: Explicit VR Little Endian, no file meta."""
-    ds = ds.copy()
-    del ds.file_meta
-    fp = DicomBytesIO()
-    fp.is_little_endian = True
-    fp.is_implicit_VR = False
-    write_dataset(fp, ds)
-    return fp.getvalue()
 
 
 @pytest.fixture

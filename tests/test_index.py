@@ -18,8 +18,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
@@ -31,7 +29,7 @@ from dicomnode.settings import CompletionSettings
 from storage.db import make_engine, upgrade_schema, utcnow
 from storage.filestore import FileStore, sanitize_uid
 from storage.models import Instance, QuarantineRecord, Series, Study
-from tests.dicomgen import make_series
+from tests.dicomgen import encoded, make_series
 
 # --- sanitize_uid ------------------------------------------------------------------------
 
@@ -191,18 +189,6 @@ def ingestor(tmp_path: Path) -> Iterator[Ingestor]:
     store.prepare()
     yield Ingestor(engine, store)
     engine.dispose()
-
-
-def encoded(ds: Dataset) -> bytes:
-    """A dataset as C-STORE carries it: Explicit VR Little Endian, no file meta."""
-    ds = ds.copy()
-    if hasattr(ds, "file_meta"):
-        del ds.file_meta
-    fp = DicomBytesIO()
-    fp.is_little_endian = True
-    fp.is_implicit_VR = False
-    write_dataset(fp, ds)
-    return fp.getvalue()
 
 
 def send(ingestor: Ingestor, ds: Dataset, request_uid: str | None = None) -> object:

@@ -20,8 +20,6 @@ import pytest
 from alembic.script import ScriptDirectory
 from psycopg2 import sql
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import Engine, event, inspect, select, text
 
@@ -32,7 +30,7 @@ from storage.db import alembic_config, make_engine, upgrade_schema, utcnow
 from storage.filestore import FileStore
 from storage.models import CompletionEvent, Study
 from tests.conftest import require_tool, storescu, wait_for
-from tests.dicomgen import make_series, write_series
+from tests.dicomgen import encoded, make_series, write_series
 
 pytestmark = pytest.mark.postgres
 
@@ -225,7 +223,7 @@ def test_completion_cannot_slip_between_an_ingest_and_its_commit(
 
     def send(ds: Dataset) -> None:
         ingestor.ingest_network(
-            _encoded(ds), ExplicitVRLittleEndian, ds.SOPClassUID, ds.SOPInstanceUID, source
+            encoded(ds), ExplicitVRLittleEndian, ds.SOPClassUID, ds.SOPInstanceUID, source
         )
 
     send(first)
@@ -265,13 +263,3 @@ def test_completion_cannot_slip_between_an_ingest_and_its_commit(
         engine.dispose()
         monitor_engine.dispose()
         shutil.rmtree(store.root, ignore_errors=True)
-
-
-def _encoded(ds: Dataset) -> bytes:
-    ds = ds.copy()
-    del ds.file_meta
-    fp = DicomBytesIO()
-    fp.is_little_endian = True
-    fp.is_implicit_VR = False
-    write_dataset(fp, ds)
-    return fp.getvalue()

@@ -12,10 +12,8 @@ from typing import Any
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
-from pydicom.filewriter import write_dataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.dimse_messages import C_ECHO_RSP, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
@@ -24,7 +22,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 from dicomnode._pynetdicom_fast import c_echo_rsp_pdu, c_store_rsp_pdu
 from tests.conftest import storescu, wait_for
-from tests.dicomgen import make_series, write_series
+from tests.dicomgen import encoded, make_series, write_series
 
 
 def _pynetdicom_rsp_pdu(
@@ -181,11 +179,7 @@ def _command_set(**elements: Any) -> bytes:
     for keyword, value in elements.items():
         setattr(ds, keyword, value)
     ds.CommandGroupLength = 0
-    fp = DicomBytesIO()
-    fp.is_little_endian = True
-    fp.is_implicit_VR = True
-    write_dataset(fp, ds)
-    body = fp.getvalue()[12:]  # without the group length element written above
+    body = encoded(ds, ImplicitVRLittleEndian)[12:]  # without the group length written above
     return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
 
 
@@ -200,14 +194,6 @@ def _c_store_rq(message_id: int, ds: Dataset) -> bytes:
     )
 
 
-def _explicit_le(ds: Dataset) -> bytes:
-    fp = DicomBytesIO()
-    fp.is_little_endian = True
-    fp.is_implicit_VR = False
-    write_dataset(fp, ds)
-    return fp.getvalue()
-
-
 def test_c_store_with_the_data_set_in_many_pdus_and_pdvs(make_node, ct_files: list[Path]) -> None:
     node = make_node()
     raw = RawAssociation(node.port, [CTImageStorage])
@@ -215,7 +201,7 @@ def test_c_store_with_the_data_set_in_many_pdus_and_pdvs(make_node, ct_files: li
     sent = {}
     for message_id, path in enumerate(ct_files[:3], start=1):
         ds = pydicom.dcmread(path)
-        data = _explicit_le(ds)
+        data = encoded(ds)
         a, b = len(data) // 3, 2 * len(data) // 3
         raw.send_pdvs((cid, 0x03, _c_store_rq(message_id, ds)))
         raw.send_pdvs((cid, 0x00, data[:100]), (cid, 0x00, data[100:a]))  # two PDVs, one PDU
@@ -231,7 +217,7 @@ def test_c_store_with_the_data_set_in_many_pdus_and_pdvs(make_node, ct_files: li
         sent[ds.SOPInstanceUID] = data
     # The command and the whole data set of the last message in one PDU.
     ds = pydicom.dcmread(ct_files[3])
-    data = _explicit_le(ds)
+    data = encoded(ds)
     raw.send_pdvs((cid, 0x03, _c_store_rq(4, ds)), (cid, 0x02, data))
     assert raw.read_response().Status == 0x0000
     sent[ds.SOPInstanceUID] = data
@@ -267,7 +253,7 @@ def test_c_echo_served_and_association_released(make_node) -> None:
 def test_broken_message_sequences_abort_the_association(make_node, ct_files: list[Path]) -> None:
     node = make_node()
     ds = pydicom.dcmread(ct_files[0])
-    data = _explicit_le(ds)
+    data = encoded(ds)
     # A data set fragment with no command before it (left to pynetdicom, which aborts).
     with RawAssociation(node.port, [CTImageStorage]) as raw:
         cid = raw.context_ids[CTImageStorage]
@@ -310,7 +296,7 @@ def test_messages_it_does_not_serve_go_to_pynetdicom(make_node, ct_files: list[P
             raw.send_pdvs((cid, 0x03, command[20:]))
         else:
             raw.send_pdvs((cid, 0x03, command))
-        raw.send_pdvs((cid, 0x02, _explicit_le(ds)))
+        raw.send_pdvs((cid, 0x02, encoded(ds)))
         rsp = raw.read_response()
         assert (rsp.MessageIDBeingRespondedTo, rsp.Status) == (message_id, 0x0000)
     raw.release()
@@ -324,7 +310,7 @@ def test_unaccepted_presentation_context_aborts(make_node, ct_files: list[Path])
     node = make_node()
     ds = pydicom.dcmread(ct_files[0])
     with RawAssociation(node.port, [CTImageStorage]) as raw:
-        raw.send_pdvs((99, 0x03, _c_store_rq(1, ds)), (99, 0x02, _explicit_le(ds)))
+        raw.send_pdvs((99, 0x03, _c_store_rq(1, ds)), (99, 0x02, encoded(ds)))
         assert raw.read_pdu()[0] == 0x07  # A-ABORT, as pynetdicom answers it
     assert node.storage_files() == []
     assert "presentation context 99 was not accepted" in node.log()
@@ -349,10 +335,10 @@ def test_peer_gone_before_the_response(make_node, ct_files: list[Path]) -> None:
     ds = pydicom.dcmread(ct_files[0])
     with RawAssociation(node.port, [CTImageStorage]) as raw:
         cid = raw.context_ids[CTImageStorage]
-        raw.send_pdvs((cid, 0x03, _c_store_rq(1, ds)), (cid, 0x02, _explicit_le(ds)))
+        raw.send_pdvs((cid, 0x03, _c_store_rq(1, ds)), (cid, 0x02, encoded(ds)))
     # And one that leaves in the middle of a data set fragment: nothing of it is kept.
     cut = pydicom.dcmread(ct_files[1])
-    data = _explicit_le(cut)
+    data = encoded(cut)
     with RawAssociation(node.port, [CTImageStorage]) as raw:
         cid = raw.context_ids[CTImageStorage]
         raw.send_pdvs((cid, 0x03, _c_store_rq(1, cut)))

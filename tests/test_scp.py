@@ -27,7 +27,7 @@ from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
-from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -37,7 +37,7 @@ from pydicom.uid import (
 from pynetdicom import AE, _config
 
 from tests.conftest import RunningNode, node_config, require_tool, storescu, wait_for
-from tests.dicomgen import CT_IMAGE_STORAGE, make_series, write_series
+from tests.dicomgen import CT_IMAGE_STORAGE, encoded, make_series, write_series
 
 _VERIFICATION = "1.2.840.10008.1.1"
 _FAILURE_STATUSES = {0xA700, 0xA900, 0xC210, 0x0110}
@@ -72,15 +72,6 @@ def _fresh_copy(name: str, folder: Path) -> Path:
     ds.save_as(path)
     assert str(read_file_meta_info(path).TransferSyntaxUID) == str(ds.file_meta.TransferSyntaxUID)
     return path
-
-
-def _encode(ds: Dataset, ts: str = ExplicitVRLittleEndian) -> bytes:
-    """A dataset's bytes in ``ts`` (little endian, implicit or explicit VR)."""
-    fp = DicomBytesIO()
-    fp.is_little_endian = True
-    fp.is_implicit_VR = ts == ImplicitVRLittleEndian
-    write_dataset(fp, ds)
-    return fp.getvalue()
 
 
 def _raw_file(path: Path, sop_class: str, sop_uid: str, body: bytes, ts: str) -> Path:
@@ -373,7 +364,7 @@ def _split_at(ds: Dataset, tag: int) -> tuple[Dataset, Dataset]:
 
 def _ct_body() -> tuple[Dataset, bytes]:
     [ds] = make_series(1, modality="CT", patient_id="MALFORMED01")
-    return ds, _encode(ds)
+    return ds, encoded(ds)
 
 
 # Each case: (sop class, sop uid in the request, dataset bytes, transfer syntax, expectation).
@@ -388,11 +379,11 @@ def _case(kind: str) -> tuple[str, str, bytes, str, tuple[Any, ...]]:
         }[kind]
         sop_uid = generate_uid()
         ds = _dataset(**{keyword: None})
-        return _SECONDARY_CAPTURE, sop_uid, _encode(ds), explicit, ("quarantined", 0xC210, keyword)
+        return _SECONDARY_CAPTURE, sop_uid, encoded(ds), explicit, ("quarantined", 0xC210, keyword)
     if kind == "sop-uid-differs-from-request":
         ds = _dataset()
         expect = ("quarantined", 0xA900, "differs")
-        return _SECONDARY_CAPTURE, generate_uid(), _encode(ds), explicit, expect
+        return _SECONDARY_CAPTURE, generate_uid(), encoded(ds), explicit, expect
     if kind == "truncated-in-header":
         ds, body = _ct_body()
         cut = body.index(struct.pack("<HH", 0x0020, 0x000D)) + 12  # inside the Study UID
@@ -413,13 +404,13 @@ def _case(kind: str) -> tuple[str, str, bytes, str, tuple[Any, ...]]:
         return (
             _PRIVATE_SOP_CLASS,
             ds.SOPInstanceUID,
-            _encode(ds),
+            encoded(ds),
             explicit,
             ("stored", "Doe^Jane", ds.StudyInstanceUID),
         )
     if kind == "implicit-vr-private-sop-class":
         ds = _dataset(SOPClassUID=_PRIVATE_SOP_CLASS)
-        body = _encode(ds, ImplicitVRLittleEndian)
+        body = encoded(ds, ImplicitVRLittleEndian)
         expect = ("stored", "Doe^Jane", ds.StudyInstanceUID)
         return _PRIVATE_SOP_CLASS, ds.SOPInstanceUID, body, ImplicitVRLittleEndian, expect
     if kind.startswith("sequences-nested-"):
@@ -427,7 +418,7 @@ def _case(kind: str) -> tuple[str, str, bytes, str, tuple[Any, ...]]:
         levels = int(kind.split("-")[2])
         ds = _dataset(name="Deep^Nest")
         before, after = _split_at(ds, 0x00081115)
-        body = _encode(before) + _nested_sequences(levels) + _encode(after)
+        body = encoded(before) + _nested_sequences(levels) + encoded(after)
         expect: tuple[Any, ...] = ("stored", "Deep^Nest", ds.StudyInstanceUID)
         if levels > 500:  # beyond any real object: refused with a reason, never a crash
             expect = ("quarantined", 0xC210, "nested")
@@ -438,21 +429,21 @@ def _case(kind: str) -> tuple[str, str, bytes, str, tuple[Any, ...]]:
         return (
             _SECONDARY_CAPTURE,
             ds.SOPInstanceUID,
-            _encode(ds),
+            encoded(ds),
             explicit,
             ("stored", name, ds.StudyInstanceUID),
         )
     if kind == "charset-latin2":
         ds = _dataset(charset="ISO_IR 101", name="Dvořák^Antonín")
         expect = ("stored", "Dvořák^Antonín", ds.StudyInstanceUID)
-        return _SECONDARY_CAPTURE, ds.SOPInstanceUID, _encode(ds), explicit, expect
+        return _SECONDARY_CAPTURE, ds.SOPInstanceUID, encoded(ds), explicit, expect
     if kind == "charset-utf8":
         name = "Wang^XiaoDong=王^小東"
         ds = _dataset(charset="ISO_IR 192", name=name)
         return (
             _SECONDARY_CAPTURE,
             ds.SOPInstanceUID,
-            _encode(ds),
+            encoded(ds),
             explicit,
             ("stored", name, ds.StudyInstanceUID),
         )
@@ -460,7 +451,7 @@ def _case(kind: str) -> tuple[str, str, bytes, str, tuple[Any, ...]]:
         # Encoded as Latin-1, then the character set renamed to one that does not exist: the
         # instance is kept and the name read with the default repertoire.
         ds = _dataset(charset="ISO_IR 100", name="Müller^Jürgen")
-        body = _encode(ds).replace(b"ISO_IR 100", b"ISO_IR 999")
+        body = encoded(ds).replace(b"ISO_IR 100", b"ISO_IR 999")
         expect = ("stored", "Müller^Jürgen", ds.StudyInstanceUID)
         return _SECONDARY_CAPTURE, ds.SOPInstanceUID, body, explicit, expect
     raise AssertionError(kind)
@@ -629,7 +620,7 @@ def test_one_log_line_per_association_without_patient_identifiers(
         tmp_path / "bad.dcm",
         _SECONDARY_CAPTURE,
         bad.SOPInstanceUID,
-        _encode(bad),
+        encoded(bad),
         ExplicitVRLittleEndian,
     )
     assert _send_raw(node.port, [sent], calling_ae="LOGBAD", monkeypatch=monkeypatch) == [0xC210]
