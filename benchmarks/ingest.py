@@ -143,6 +143,21 @@ class _Receiver:
             stop(self.proc)
             self.proc = None
 
+    def _spawn(
+        self, cmd: list[str], log_name: str, cwd: Path | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start ``cmd`` in a session of its own (TCP_NODELAY on for DCMTK and Orthanc), its
+        output in ``log_name`` in the receiver's folder."""
+        with (self.folder / log_name).open("wb") as log:
+            return subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                env={**os.environ, "TCP_NODELAY": "1"},
+                start_new_session=True,
+            )
+
 
 class _StoreSCP(_Receiver):
     name = "DCMTK storescp --fork"
@@ -157,15 +172,7 @@ class _StoreSCP(_Receiver):
         # ends; with Nagle on, storescp answers ~20 instances/s).
         cmd = [dcmtk_tool("storescp"), "--fork", "-dhl", "-aet", self.ae_title]
         cmd += ["-od", str(out), str(self.port)]
-        log = (self.folder / "storescp.log").open("wb")
-        self.proc = subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "TCP_NODELAY": "1"},
-            start_new_session=True,
-        )
-        log.close()
+        self.proc = self._spawn(cmd, "storescp.log")
         wait_port(self.port, self.proc)
 
     def verify(self, sop_uids: set[str]) -> None:
@@ -201,16 +208,8 @@ class _Orthanc(_Receiver):
         }
         path = self.folder / "orthanc.json"
         path.write_text(json.dumps(config), encoding="utf-8")
-        log = (self.folder / "orthanc.log").open("wb")
         # Orthanc 1.10 cannot bind to one address; it is only ever sent to on 127.0.0.1.
-        self.proc = subprocess.Popen(
-            [exe, str(path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "TCP_NODELAY": "1"},
-            start_new_session=True,
-        )
-        log.close()
+        self.proc = self._spawn([exe, str(path)], "orthanc.log")
         wait_port(self.port, self.proc)
         wait_port(self.http_port, self.proc)
 
@@ -249,15 +248,11 @@ class _DicomNode(_Receiver):
         config_path = self.folder / "dicomnode.yaml"
         config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
         log_path = self.folder / "node.log"
-        log = log_path.open("wb")
-        self.proc = subprocess.Popen(
+        self.proc = self._spawn(
             [sys.executable, "-m", "dicomnode", "serve", "--config", str(config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            log_path.name,
             cwd=REPO,
-            start_new_session=True,
         )
-        log.close()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
