@@ -54,11 +54,7 @@ def store_result(
         str(ds.SOPInstanceUID),
     )
     relative = store.relative_path(study_uid, series_uid, sop_uid)
-    tmp, size = store.write_temp([data])
-    try:
-        store.commit_temp(tmp, relative)
-    finally:
-        tmp.unlink(missing_ok=True)
+    size = store.put(relative, [data])
     now = utcnow()
     dialect = engine.dialect.name
     with Session(engine) as session:

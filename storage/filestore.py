@@ -9,6 +9,7 @@ Layout under the storage root::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -44,8 +45,10 @@ class FileStore:
         self.quarantine_dir = quarantine if quarantine is not None else root / "quarantine"
         self.tmp_dir = root / "tmp"
         self.fsync = fsync
-        self._known_dirs: set[Path] = set()
-        self._dir_syncs: dict[Path, _DirSync] = {}
+        self._root = os.fspath(root)
+        self._tmp = os.fspath(self.tmp_dir)
+        self._known_dirs: set[str] = set()
+        self._dir_syncs: dict[str, _DirSync] = {}
         self._dir_syncs_lock = threading.Lock()
 
     def prepare(self) -> None:
@@ -71,24 +74,35 @@ class FileStore:
     def absolute(self, relative: str) -> Path:
         return self.root / relative
 
-    def _mkdirs(self, folder: Path) -> None:
-        if folder in self._known_dirs:
-            return
-        created = not folder.exists()
-        folder.mkdir(parents=True, exist_ok=True)
-        if created and self.fsync:
-            # Make the new folder entries durable up to the studies folder.
-            p = folder
-            while p != self.root and p.parent != p:
-                _fsync_dir(p.parent)
-                p = p.parent
-        self._known_dirs.add(folder)
-        if len(self._known_dirs) > 10000:
-            self._known_dirs.clear()
+    def exists(self, relative: str) -> bool:
+        """A file is stored under ``relative``."""
+        return os.path.exists(f"{self._root}/{relative}")
+
+    def put(self, relative: str, chunks: Iterable[bytes | memoryview]) -> int:
+        """Store chunks durably under ``relative`` (temporary file, fsync, rename, fsync of the
+        folder), replacing an unindexed leftover; returns the bytes written."""
+        tmp, size = self._write_temp(chunks)
+        try:
+            self._commit_temp(tmp, relative)
+        except BaseException:
+            _unlink(tmp)
+            raise
+        return size
 
     def write_temp(self, chunks: Iterable[bytes | memoryview]) -> tuple[Path, int]:
         """Write chunks to a new temporary file and fsync it; returns (path, size in bytes)."""
-        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        tmp, size = self._write_temp(chunks)
+        return Path(tmp), size
+
+    def commit_temp(self, tmp: Path, relative: str) -> Path:
+        """Move a fsynced temporary file to its final name (replacing an unindexed leftover)."""
+        return Path(self._commit_temp(os.fspath(tmp), relative))
+
+    # The instance path runs on plain strings: pathlib's parsing and hashing were a tenth of
+    # its Python time.
+
+    def _write_temp(self, chunks: Iterable[bytes | memoryview]) -> tuple[str, int]:
+        tmp = f"{self._tmp}/{uuid.uuid4().hex}.part"
         size = 0
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
@@ -102,27 +116,43 @@ class FileStore:
                 os.fsync(fd)
         except BaseException:
             os.close(fd)
-            tmp.unlink(missing_ok=True)
+            _unlink(tmp)
             raise
         os.close(fd)
         return tmp, size
 
-    def commit_temp(self, tmp: Path, relative: str) -> Path:
-        """Move a fsynced temporary file to its final name (replacing an unindexed leftover)."""
-        final = self.root / relative
-        self._mkdirs(final.parent)
+    def _commit_temp(self, tmp: str, relative: str) -> str:
+        final = f"{self._root}/{relative}"
+        folder = final.rpartition("/")[0]
+        self._mkdirs(folder)
         os.replace(tmp, final)
         if self.fsync:
-            self._sync_dir(final.parent)
+            self._sync_dir(folder)
         return final
 
-    def _sync_dir(self, folder: Path) -> None:
+    def _mkdirs(self, folder: str) -> None:
+        if folder in self._known_dirs:
+            return
+        created = not os.path.exists(folder)
+        os.makedirs(folder, exist_ok=True)
+        if created and self.fsync:
+            # Make the new folder entries durable up to the storage root.
+            p = folder
+            while p != self._root and os.path.dirname(p) != p:
+                p = os.path.dirname(p)
+                _fsync_dir(p)
+        self._known_dirs.add(folder)
+        if len(self._known_dirs) > 10000:
+            self._known_dirs.clear()
+
+    def _sync_dir(self, folder: str | Path) -> None:
+        key = os.fspath(folder)
         with self._dir_syncs_lock:
-            sync = self._dir_syncs.get(folder)
+            sync = self._dir_syncs.get(key)
             if sync is None:
                 if len(self._dir_syncs) > 1000:
                     self._dir_syncs.clear()
-                sync = self._dir_syncs[folder] = _DirSync(folder)
+                sync = self._dir_syncs[key] = _DirSync(key)
         sync.sync()
 
     def quarantine(
@@ -150,7 +180,7 @@ class _DirSync:
     """Shared fsyncs of one folder: renames into it by concurrent threads (one per
     association) need one fsync that starts after their rename, not one each."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: str) -> None:
         self.folder = folder
         self._cond = threading.Condition()
         self._requested = 0  # renames done and waiting for an fsync
@@ -179,7 +209,12 @@ class _DirSync:
                 self._done = max(self._done, covers)
 
 
-def _fsync_dir(path: Path) -> None:
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

@@ -25,7 +25,7 @@ def test_concurrent_commits_share_folder_fsyncs(
         with clock_lock:
             return next(clock)
 
-    def recorded(path: Path) -> None:
+    def recorded(path: str | Path) -> None:
         start = tick()
         real(path)
         fsyncs.append((start, tick()))
@@ -66,9 +66,9 @@ def test_commit_temp_fsyncs_the_folder(tmp_path: Path, monkeypatch: pytest.Monke
     synced: list[Path] = []
     real = filestore._fsync_dir
 
-    def recorded(path: Path) -> None:
+    def recorded(path: str | Path) -> None:
         real(path)
-        synced.append(path)
+        synced.append(Path(path))
 
     monkeypatch.setattr(filestore, "_fsync_dir", recorded)
     store = FileStore(tmp_path / "root")
