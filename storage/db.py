@@ -12,7 +12,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, inspect
 
-__all__ = ["alembic_config", "make_engine", "upgrade_schema", "utcnow"]
+__all__ = ["alembic_config", "make_engine", "sqlite_pragmas", "upgrade_schema", "utcnow"]
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +24,8 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+def sqlite_pragmas(dbapi_conn: Any, _record: Any = None) -> None:
+    """The settings of every connection to an SQLite index (an engine's ``connect`` event)."""
     if isinstance(dbapi_conn, sqlite3.Connection):
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
@@ -44,7 +45,7 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(
             url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=20
         )
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", sqlite_pragmas)
         return engine
     return create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)
 
