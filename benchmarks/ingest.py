@@ -373,6 +373,23 @@ def table(results: Sequence[RunResult]) -> str:
     return "\n".join(lines)
 
 
+def round_ratios(collected: dict[tuple[int, int], list[RunResult]]) -> list[str]:
+    """Per receiver and association count, the ratio to storescp within each round (the
+    machine's speed moves between rounds; within one round the receivers ran minutes apart)."""
+    lines = []
+    for (i, associations), runs in sorted(collected.items()):
+        reference = collected.get((0, associations))
+        if i == 0 or reference is None:
+            continue
+        ratios = [r.rate / ref.rate for r, ref in zip(runs, reference, strict=True)]
+        lines.append(
+            f"{runs[0].receiver}, {associations} association(s): x storescp by round "
+            + ", ".join(f"{x:.2f}" for x in ratios)
+            + f" (median {statistics.median(ratios):.2f}, lowest {min(ratios):.2f})"
+        )
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ingest", description=__doc__)
     parser.add_argument("--count", type=int, default=500, help="instances (512x512 CT)")
@@ -437,6 +454,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"instances: {args.count} x {mb:.2f} MB CT; medians of {args.rounds} round(s)")
     print()
     print(table(results))
+    print()
+    for line in round_ratios(collected):
+        print(f"- {line}")
     return 0
 
 
