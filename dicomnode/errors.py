@@ -42,10 +42,14 @@ class IngestError(DicomNodeError):
 class QuarantinedError(IngestError):
     """The input was unreadable or rejected and has been moved to quarantine.
 
-    ``reason`` says why; ``path`` is where the quarantined copy lies.
+    ``reason`` says why; ``path`` is where the quarantined copy lies; ``kind`` is what was
+    wrong with it: ``unreadable`` (it cannot be parsed or indexed), ``mismatch`` (it is not
+    what the C-STORE request said it is), ``conflict`` (its SOP Instance UID is stored with
+    other content) or ``other_patient`` (it belongs to a study of another patient).
     """
 
-    def __init__(self, reason: str, path: str) -> None:
+    def __init__(self, reason: str, path: str, kind: str = "unreadable") -> None:
         super().__init__(f"quarantined: {reason} ({path})")
         self.reason = reason
         self.path = path
+        self.kind = kind

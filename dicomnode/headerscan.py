@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 
-__all__ = ["HeaderScanner", "NotHandled"]
+__all__ = ["KNOWN_VRS", "HeaderScanner", "NotHandled"]
 
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 # Transfer syntaxes whose dataset is explicit VR little endian, not deflated.
@@ -30,6 +30,8 @@ _SHORT_VRS = {
     b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT",
     b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US",
 }  # fmt: skip
+KNOWN_VRS = frozenset(_SHORT_VRS | _LONG_VRS)
+"""Every value representation, as the two bytes explicit VR encodes."""
 _UNDEFINED = 0xFFFFFFFF
 _ITEM = 0xFFFEE000
 _ITEM_END = 0xFFFEE00D

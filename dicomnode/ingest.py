@@ -26,15 +26,16 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset, read_preamble
 from pydicom.tag import BaseTag
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import configure_mappers
 
 from dicomnode.errors import QuarantinedError, StorageError
-from dicomnode.headerscan import HeaderScanner, NotHandled
+from dicomnode.headerscan import KNOWN_VRS, HeaderScanner, NotHandled
 from dicomnode.partial import unfinished_dataset
+from dicomnode.resend import DEFLATED_TRANSFER_SYNTAXES, conflict
 from storage.db import sqlite_pragmas, utcnow
 from storage.filestore import FileStore
 from storage.models import Instance, QuarantineRecord, Series, Study, StudyState
@@ -217,7 +218,7 @@ def _header_from(ds: _Values, reason_prefix: str) -> _Header:
 
 def _parse_dataset(data: bytes | memoryview, transfer_syntax: str) -> Dataset:
     ts = UID(transfer_syntax)
-    if ts == DeflatedExplicitVRLittleEndian:
+    if ts in DEFLATED_TRANSFER_SYNTAXES:
         data = zlib.decompress(bytes(data), -zlib.MAX_WBITS)
     implicit = ts == ImplicitVRLittleEndian
     little = ts != "1.2.840.10008.1.2.2"
@@ -278,9 +279,9 @@ def file_meta_bytes(sop_class: str, sop_uid: str, transfer_syntax: str, source_a
 
 # Statements of the per-instance path, built once: building a Core statement (values(),
 # where(), its cache key) costs more CPU than executing it. Only parameters change per instance.
-_FIND_INSTANCE = select(Instance.id, Instance.study_pk, Instance.path).where(
-    Instance.sop_instance_uid == bindparam("b_sop_uid")
-)
+_FIND_INSTANCE = select(
+    Instance.id, Instance.study_pk, Instance.path, Instance.transfer_syntax_uid
+).where(Instance.sop_instance_uid == bindparam("b_sop_uid"))
 _COUNT_INSTANCE_DUPLICATE = (
     update(Instance)
     .where(Instance.id == bindparam("b_pk"))
@@ -495,6 +496,43 @@ class _NotKnown(Exception):
     """The cached study/series rows do not take this instance; use the full path."""
 
 
+class _Mismatch(ValueError):
+    """The data set is not what its C-STORE request says it is."""
+
+
+class _PatientConflict(Exception):
+    """The instance names another patient than the study it belongs to (the reason)."""
+
+
+def _patient_conflict(study_patient: str | None, header: _Header) -> str | None:
+    """Why an instance cannot join a study recorded for ``study_patient``, or None."""
+    patient = header.study["patient_id"]
+    if not study_patient or not patient or patient == study_patient:
+        return None
+    return (
+        f"study {header.study_uid} belongs to another patient: this instance has Patient ID "
+        f"{patient!r}, the study {study_patient!r}; instances of one study must name one "
+        "patient (correct the Patient ID, or give the study its own Study Instance UID)"
+    )
+
+
+def _differences(stored: bytes, header: _Header) -> str:
+    """The index attributes in which ``header`` differs from a stored file's, as a short
+    list of keywords ('' when the stored file cannot be read or none differ)."""
+    try:
+        ds, _ = _parse_file(stored)
+        old = _header_from(ds, "")
+    except Exception:
+        return ""
+    names = {"study_uid": "StudyInstanceUID", "series_uid": "SeriesInstanceUID"}
+    differ = [kw for field, kw in names.items() if getattr(old, field) != getattr(header, field)]
+    for group, fields in ((old.study, _STUDY_FIELDS), (old.series, _SERIES_FIELDS)):
+        new = header.study if fields is _STUDY_FIELDS else header.series
+        differ += [kw for key, (kw, _) in fields.items() if group.get(key) != new.get(key)]
+    differ += [kw for kw in SERIES_EXTRA_KEYWORDS if old.extra.get(kw) != header.extra.get(kw)]
+    return ("differs in " + ", ".join(differ[:8])) if differ else ""
+
+
 def _upsert(model: type[Study] | type[Series], dialect: str) -> Any:
     """An INSERT that can take ON CONFLICT DO NOTHING on both supported databases."""
     if dialect == "postgresql":
@@ -511,7 +549,9 @@ class Ingestor:
         self.log_identifiers = log_identifiers
         self._dialect = engine.dialect.name
         # (study UID, series UID) -> (study pk, series pk) of rows this process indexed into.
-        self._known: dict[tuple[str, str], tuple[int, int]] = {}
+        # (study UID, series UID) -> (study pk, series pk, the study's patient ID) of rows
+        # this process indexed into.
+        self._known: dict[tuple[str, str], tuple[int, int, str | None]] = {}
         self._writer = _WriterLock(engine)
         self._driver = _DriverConnections(engine)
 
@@ -532,11 +572,15 @@ class Ingestor:
         """
         try:
             header = _read_header(dataset, transfer_syntax)
-            if header.sop_uid != sop_instance_uid:
-                raise ValueError(
-                    f"SOP Instance UID in the dataset ({header.sop_uid}) differs from the "
-                    f"C-STORE request ({sop_instance_uid})"
-                )
+            for what, ours, requested in (
+                ("SOP Instance UID", header.sop_uid, sop_instance_uid),
+                ("SOP Class UID", header.sop_class, sop_class_uid),
+            ):
+                if ours != requested:
+                    raise _Mismatch(
+                        f"{what} in the dataset ({ours}) differs from the C-STORE request "
+                        f"({requested})"
+                    )
             # The header is read only up to group 0x0029: a dataset cut short after it (a
             # sender's truncated file) must not be acknowledged as stored.
             cut = unfinished_dataset(dataset, transfer_syntax)
@@ -545,7 +589,10 @@ class Ingestor:
         except Exception as exc:  # any parse failure means the data is unusable as sent
             meta = file_meta_bytes(sop_class_uid, sop_instance_uid, transfer_syntax, "")
             reason = f"cannot index dataset: {_describe(exc)}"
-            raise self._quarantine((meta, dataset), reason, source) from exc
+            error = self._quarantine((meta, dataset), reason, source)
+            if isinstance(exc, _Mismatch):
+                error.kind = "mismatch"
+            raise error from exc
         meta = file_meta_bytes(
             header.sop_class, header.sop_uid, transfer_syntax, source.calling_ae or ""
         )
@@ -647,9 +694,10 @@ class Ingestor:
             # An indexed instance always has its file, so where there is none (the usual
             # case) the index need not be asked before storing.
             if self.store.exists(relative):
-                indexed = self._count_duplicate(header.sop_uid)
+                indexed = self._indexed(header.sop_uid)
                 if indexed is not None:
-                    return self._duplicate(header, indexed)
+                    return self._resent(header, transfer_syntax, chunks, source, indexed)
+            self._check_patient(header, chunks, source)
             size = self.store.put(relative, chunks)
             try:
                 self._index(header, transfer_syntax, relative, size, source)
@@ -657,33 +705,87 @@ class Ingestor:
                 # The SOP Instance UID is indexed already: another association indexed it
                 # meanwhile, or it came before under other study or series UIDs (then the
                 # file just written is not the indexed one and goes again).
-                indexed = self._count_duplicate(header.sop_uid)
+                indexed = self._indexed(header.sop_uid)
                 if indexed is None:
                     raise
-                if indexed != relative:
+                if indexed.path != relative:
                     self.store.absolute(relative).unlink(missing_ok=True)
-                return self._duplicate(header, indexed)
+                return self._resent(header, transfer_syntax, chunks, source, indexed)
+            except _PatientConflict as exc:
+                self.store.absolute(relative).unlink(missing_ok=True)
+                raise self._conflict(chunks, str(exc), source, "other_patient") from None
         except (OSError, SQLAlchemyError) as exc:
             raise StorageError(f"could not keep {header.sop_uid}: {_describe(exc)}") from exc
         return IngestResult(
             False, header.study_uid, header.series_uid, header.sop_uid, size, relative
         )
 
-    def _duplicate(self, header: _Header, relative: str) -> IngestResult:
-        logger.debug("duplicate instance %s", header.sop_uid)
-        return IngestResult(True, header.study_uid, header.series_uid, header.sop_uid, 0, relative)
-
-    def _count_duplicate(self, sop_uid: str) -> str | None:
-        """Count one more copy of an indexed instance; its path, or None if not indexed."""
+    def _indexed(self, sop_uid: str) -> Any:
+        """The index row (id, study_pk, path, transfer_syntax_uid) of an instance, or None."""
         with self.engine.connect() as conn:
-            row = conn.execute(_FIND_INSTANCE, {"b_sop_uid": sop_uid}).first()
-            if row is None:
-                return None
-            with self._writer:
-                conn.execute(_COUNT_INSTANCE_DUPLICATE, {"b_pk": row.id})
-                conn.execute(_COUNT_STUDY_DUPLICATE, {"b_pk": row.study_pk})
-                conn.commit()
-            return str(row.path)
+            return conn.execute(_FIND_INSTANCE, {"b_sop_uid": sop_uid}).first()
+
+    def _resent(
+        self,
+        header: _Header,
+        transfer_syntax: str,
+        chunks: tuple[bytes | memoryview, ...],
+        source: Source,
+        indexed: Any,
+    ) -> IngestResult:
+        """An indexed SOP Instance UID came again: counted as a duplicate when it is the same
+        instance, quarantined as a conflict when it is other content (see dicomnode.resend)."""
+        relative = self.store.relative_path(header.study_uid, header.series_uid, header.sop_uid)
+        try:
+            stored = self.store.absolute(str(indexed.path)).read_bytes()
+        except FileNotFoundError:
+            stored = None  # removed by hand: nothing to compare with; count it
+        why = None
+        if stored is not None:
+            why = conflict(
+                stored,
+                str(indexed.transfer_syntax_uid),
+                chunks,
+                transfer_syntax,
+                same_place=str(indexed.path) == relative,
+            )
+        if why is not None:
+            differs = _differences(stored or b"", header)
+            reason = (
+                f"SOP Instance UID {header.sop_uid} is stored already with other content: "
+                f"{why}{f' ({differs})' if differs else ''}; the copy stored first is kept"
+            )
+            raise self._conflict(chunks, reason, source)
+        with self.engine.connect() as conn, self._writer:
+            conn.execute(_COUNT_INSTANCE_DUPLICATE, {"b_pk": indexed.id})
+            conn.execute(_COUNT_STUDY_DUPLICATE, {"b_pk": indexed.study_pk})
+            conn.commit()
+        logger.debug("duplicate instance %s", header.sop_uid)
+        return IngestResult(
+            True, header.study_uid, header.series_uid, header.sop_uid, 0, str(indexed.path)
+        )
+
+    def _conflict(
+        self,
+        chunks: tuple[bytes | memoryview, ...],
+        reason: str,
+        source: Source,
+        kind: str = "conflict",
+    ) -> QuarantinedError:
+        error = self._quarantine(chunks, reason, source)
+        error.kind = kind
+        return error
+
+    def _check_patient(
+        self, header: _Header, chunks: tuple[bytes | memoryview, ...], source: Source
+    ) -> None:
+        """Refuse an instance of a known study that names another patient (the index keeps
+        one patient per study; merging two would send results to the wrong one)."""
+        known = self._known.get((header.study_uid, header.series_uid))
+        if known is not None:
+            why = _patient_conflict(known[2], header)
+            if why is not None:
+                raise self._conflict(chunks, why, source, "other_patient")
 
     def _index_known(
         self, header: _Header, instance: dict[str, Any], size: int, now: datetime
@@ -695,7 +797,7 @@ class Ingestor:
         pks = self._known.get(key)
         if pks is None:
             return False
-        study_pk, series_pk = pks
+        study_pk, series_pk, _ = pks
         try:
             with self._hot_transaction() as run:
                 version, _ = run(
@@ -782,10 +884,13 @@ class Ingestor:
             # FOR UPDATE (PostgreSQL; SQLite already holds the write lock): the completion
             # monitor must not complete this version between this read and the instance row.
             study = conn.execute(
-                select(Study.id, Study.state, Study.version)
+                select(Study.id, Study.state, Study.version, Study.patient_id)
                 .where(Study.study_instance_uid == header.study_uid)
                 .with_for_update()
             ).one()
+            why = _patient_conflict(study.patient_id, header)
+            if why is not None:
+                raise _PatientConflict(why)  # rolls the transaction back
             version = study.version
             if study.state == StudyState.COMPLETE:
                 # Late arrival: a new version of the study that will complete again.
@@ -855,42 +960,55 @@ class Ingestor:
             )
         if len(self._known) >= _KNOWN_SERIES_LIMIT:
             self._known.clear()
-        self._known[(header.study_uid, header.series_uid)] = (study.id, series_pk)
+        patient = study.patient_id or header.study["patient_id"]
+        self._known[(header.study_uid, header.series_uid)] = (study.id, series_pk, patient)
 
 
 def _parse_file(data: bytes) -> tuple[Dataset, str]:
-    """Parse a file's header; returns the dataset and its transfer syntax UID."""
+    """Parse a file's header; returns the dataset and the transfer syntax its data set is
+    encoded in (the file meta's, unless the data set itself says otherwise, see below)."""
     fp = io.BytesIO(data)
-    preamble = read_preamble(fp, force=True)
-    if preamble is None:
-        # No preamble: a bare dataset (old ACR-NEMA style exports). Guess implicit VR LE.
-        fp.seek(0)
-        meta_ts = None
-    else:
+    if read_preamble(fp, force=True) is None:
+        fp.seek(0)  # no preamble: file meta without it, or a bare data set (old exports)
+    meta_ts: str | None = None
+    if data[fp.tell() : fp.tell() + 2] == b"\x02\x00":
         from pydicom.filereader import _read_file_meta_info
 
         meta = _read_file_meta_info(fp)
-        meta_ts = meta.get("TransferSyntaxUID")
-        if meta_ts is None:
+        if "TransferSyntaxUID" not in meta:
             raise ValueError("file meta information has no Transfer Syntax UID")
+        meta_ts = str(meta.TransferSyntaxUID).strip("\x00 ")
+    elif fp.tell() == 132:
+        raise ValueError("the file has a DICM prefix but no file meta information (group 0002)")
     start = fp.tell()
-    if meta_ts is None:
-        ts = _guess_transfer_syntax(data[start : start + 8])
-    else:
-        ts = str(meta_ts).strip("\x00 ")
+    ts = _encoding(data[start : start + 8], meta_ts)
     return _parse_dataset(memoryview(data)[start:], ts), ts
 
 
-def _guess_transfer_syntax(first: bytes) -> str:
+def _encoding(first: bytes, declared: str | None) -> str:
+    """The transfer syntax of a data set that starts with ``first``: ``declared`` (from the
+    file meta), except that an uncompressed little endian data set is taken as explicit or
+    implicit VR by what its first element shows. pydicom reads such files by what it sees
+    too, and a forward must name the encoding the bytes really have."""
+    if declared is not None and declared not in (ImplicitVRLittleEndian, ExplicitVRLittleEndian):
+        return declared
     if len(first) < 8:
+        if declared is not None:
+            return declared
         raise ValueError("file is too short to be DICOM")
-    vr = first[4:6]
-    if vr.isalpha() and vr.isupper():
-        return "1.2.840.10008.1.2.1"
-    group = struct.unpack("<H", first[:2])[0]
-    if group not in (0x0008, 0x0002):
-        raise ValueError("no DICM prefix and the data does not start like a DICOM dataset")
-    return ImplicitVRLittleEndian
+    found = ExplicitVRLittleEndian if first[4:6] in KNOWN_VRS else ImplicitVRLittleEndian
+    if declared is None:
+        if found == ImplicitVRLittleEndian and struct.unpack("<H", first[:2])[0] not in (8, 2):
+            raise ValueError("no DICM prefix and the data does not start like a DICOM dataset")
+    elif found != declared:
+        logger.warning(
+            "file meta information says transfer syntax %s, but the data set is encoded in %s; "
+            "indexed (and forwarded) as %s",
+            declared,
+            found,
+            found,
+        )
+    return found
 
 
 def _describe(exc: BaseException) -> str:

@@ -38,7 +38,21 @@ STATUS = {
     "out_of_resources": 0xA700,
     "dataset_mismatch": 0xA900,
     "cannot_understand": 0xC210,
+    # Our own code in the "cannot understand" range (PS3.4 Cxxx): the instance names another
+    # patient than the study it belongs to. Its copy is in quarantine; retrying it unchanged
+    # will not help.
+    "other_patient": 0xC230,
     "processing_failure": 0x0110,
+}
+# The answer for quarantined input, by what was wrong with it. An instance whose SOP Instance
+# UID is stored already with other content is answered with success, as PACS do (an instance
+# of that UID is held, and a failure would make the sender retry it for ever); its copy is in
+# quarantine and a warning is logged, so nothing is lost or hidden.
+_QUARANTINE_STATUS = {
+    "unreadable": STATUS["cannot_understand"],
+    "mismatch": STATUS["dataset_mismatch"],
+    "conflict": STATUS["success"],
+    "other_patient": STATUS["other_patient"],
 }
 
 
@@ -52,6 +66,7 @@ class AssociationStats:
     started: float = field(default_factory=time.monotonic)
     stored: int = 0
     duplicates: int = 0
+    conflicts: int = 0  # same SOP Instance UID as a stored one, other content (quarantined)
     failed: int = 0
     bytes: int = 0
     studies: set[str] = field(default_factory=set)
@@ -273,9 +288,13 @@ class StoreSCP:
 
     def _on_accepted(self, event: Any) -> None:
         assoc = event.assoc
+        # The called AE title the requestor asked for (pynetdicom sets the acceptor's title
+        # to our own): several titles may point at one node, and rules route on it.
+        request = getattr(assoc.requestor, "primitive", None)
+        called = getattr(request, "called_ae_title", None) or assoc.acceptor.ae_title
         stats = AssociationStats(
             calling_ae=str(assoc.requestor.ae_title).strip(),
-            called_ae=str(assoc.acceptor.ae_title).strip(),
+            called_ae=str(called).strip(),
             peer=f"{assoc.requestor.address}:{assoc.requestor.port}",
         )
         with self._lock:
@@ -303,13 +322,14 @@ class StoreSCP:
             stats.outcome = "aborted" if aborted else "connection closed"
         seconds = time.monotonic() - stats.started
         logger.info(
-            "association %s from %s to %s: %d stored, %d duplicate, %d failed, %d bytes, "
-            "%.2f s, %s",
+            "association %s from %s to %s: %d stored, %d duplicate, %d conflicting, %d failed, "
+            "%d bytes, %.2f s, %s",
             stats.calling_ae,
             stats.peer,
             stats.called_ae,
             stats.stored,
             stats.duplicates,
+            stats.conflicts,
             stats.failed,
             stats.bytes,
             seconds,
@@ -354,10 +374,13 @@ class StoreSCP:
                 dataset, transfer_syntax, sop_class_uid, sop_instance_uid, source
             )
         except QuarantinedError as exc:
-            self._count_failure(stats)
-            if "differs from the C-STORE request" in exc.reason:
-                return STATUS["dataset_mismatch"]
-            return STATUS["cannot_understand"]
+            status = _QUARANTINE_STATUS.get(exc.kind, STATUS["cannot_understand"])
+            if status == STATUS["success"]:
+                if stats is not None:
+                    stats.conflicts += 1
+            else:
+                self._count_failure(stats)
+            return status
         except StorageError:
             logger.exception("C-STORE %s not stored", sop_instance_uid)
             self._count_failure(stats)

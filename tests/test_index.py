@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
@@ -267,25 +267,87 @@ def test_duplicate_is_counted_not_stored_twice(ingestor: Ingestor, ct_files: lis
     assert len(files) == 4
 
 
-def test_same_sop_instance_under_other_study_uids_is_a_duplicate_and_leaves_no_file(
+def test_same_sop_instance_under_other_study_uids_is_a_conflict_kept_in_quarantine(
     ingestor: Ingestor,
 ) -> None:
-    """A SOP Instance UID the index holds, sent again with other study and series UIDs: a
-    duplicate of the first; the first file stays, nothing else is left under the root."""
+    """A SOP Instance UID the index holds, sent again with other study and series UIDs: the
+    first copy stays as it was, the new one goes to quarantine saying what differs, and
+    nothing else is left under the studies folder."""
     original = make_series(1)[0]
     kept = send(ingestor, original)
     other = copy.deepcopy(original)
     other.StudyInstanceUID = generate_uid()
     other.SeriesInstanceUID = generate_uid()
-    again = send(ingestor, other)
-    assert again.duplicate  # type: ignore[attr-defined]
-    assert again.path == kept.path  # type: ignore[attr-defined]
+    with pytest.raises(QuarantinedError) as info:
+        send(ingestor, other)
+    assert info.value.kind == "conflict"
+    assert "is stored already with other content" in info.value.reason
+    assert "StudyInstanceUID, SeriesInstanceUID" in info.value.reason
     files = list((ingestor.store.root / "studies").rglob("*.dcm"))
     assert files == [ingestor.store.absolute(kept.path)]  # type: ignore[attr-defined]
     assert pydicom.dcmread(files[0]).StudyInstanceUID == original.StudyInstanceUID
+    assert pydicom.dcmread(info.value.path).StudyInstanceUID == other.StudyInstanceUID
     assert count(ingestor.engine, Instance) == 1
     with ingestor.engine.connect() as conn:
-        assert conn.execute(select(Instance.duplicates)).scalar_one() == 1
+        assert conn.execute(select(Instance.duplicates)).scalar_one() == 0
+
+
+def test_same_instance_sent_again_is_a_duplicate_in_any_transfer_syntax(
+    ingestor: Ingestor,
+) -> None:
+    """The same data set again, and the same instance in another transfer syntax, are
+    duplicates of the stored one (counted, not stored twice); the same UID with one value
+    changed in the same transfer syntax is a conflict that names the attribute."""
+    ds = make_series(1)[0]
+    kept = send(ingestor, ds)
+    assert send(ingestor, ds).duplicate  # type: ignore[attr-defined]
+    implicit = ingestor.ingest_network(
+        encoded(ds, ImplicitVRLittleEndian),
+        ImplicitVRLittleEndian,
+        ds.SOPClassUID,
+        ds.SOPInstanceUID,
+        Source(kind="dicom", calling_ae="MODALITY", peer_address="127.0.0.1"),
+    )
+    assert implicit.duplicate
+    changed = copy.deepcopy(ds)
+    changed.SeriesDescription = "corrected"
+    with pytest.raises(QuarantinedError) as info:
+        send(ingestor, changed)
+    assert info.value.kind == "conflict"
+    assert "differs in SeriesDescription" in info.value.reason
+    assert pydicom.dcmread(ingestor.store.absolute(kept.path)).SeriesDescription == (  # type: ignore[attr-defined]
+        ds.SeriesDescription
+    )
+    with ingestor.engine.connect() as conn:
+        assert conn.execute(select(Instance.duplicates)).scalar_one() == 2
+
+
+def test_instance_naming_another_patient_is_refused_from_a_study(ingestor: Ingestor) -> None:
+    """One study, one patient: an instance with the study's UID but another Patient ID is
+    quarantined (a known series, and a new series of the study), the study keeps its own."""
+    first, second = make_series(2)
+    send(ingestor, first)
+    same_series = copy.deepcopy(second)
+    same_series.PatientID = "SOMEONE-ELSE"
+    other_series = copy.deepcopy(second)
+    other_series.PatientID = "SOMEONE-ELSE"
+    other_series.SeriesInstanceUID = generate_uid()
+    other_series.SOPInstanceUID = generate_uid()
+    for ds in (same_series, other_series):
+        with pytest.raises(QuarantinedError) as info:
+            send(ingestor, ds)
+        assert info.value.kind == "other_patient"
+        assert "belongs to another patient" in info.value.reason
+        assert "'SOMEONE-ELSE'" in info.value.reason
+    assert count(ingestor.engine, Instance) == 1
+    assert list((ingestor.store.root / "studies").rglob("*.dcm")) == [
+        ingestor.store.absolute(
+            ingestor.store.relative_path(
+                first.StudyInstanceUID, first.SeriesInstanceUID, first.SOPInstanceUID
+            )
+        )
+    ]
+    assert send(ingestor, second).duplicate is False  # type: ignore[attr-defined]
 
 
 def test_an_indexed_file_removed_by_hand_is_written_again_by_a_resend(
@@ -436,3 +498,69 @@ def test_hostile_uids_in_the_dataset_stay_under_the_storage_root(
     assert pydicom.dcmread(path).StudyInstanceUID == "../../../../tmp/evil"
     with ingestor.engine.connect() as conn:
         assert conn.execute(select(Study.study_instance_uid)).scalar_one() == ds.StudyInstanceUID
+
+
+def _part10(ds: Dataset, declared: str, body_ts: str, preamble: bool = True) -> bytes:
+    """A Part 10 file whose file meta declares ``declared`` but whose data set is encoded
+    in ``body_ts`` (as some exporters write them), with or without the 128-byte preamble."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = declared
+    meta.ImplementationClassUID = "1.2.826.0.1.3680043.10.1475.99"
+    fp = DicomBytesIO()
+    if preamble:
+        fp.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(fp, meta, enforce_standard=True)
+    return fp.getvalue() + encoded(ds, body_ts)
+
+
+@pytest.mark.parametrize(
+    ("declared", "body_ts", "preamble"),
+    [
+        (ExplicitVRLittleEndian, ImplicitVRLittleEndian, True),
+        (ImplicitVRLittleEndian, ExplicitVRLittleEndian, True),
+        (ImplicitVRLittleEndian, ImplicitVRLittleEndian, False),
+        (ExplicitVRLittleEndian, ExplicitVRLittleEndian, False),
+    ],
+)
+def test_file_is_indexed_in_the_encoding_its_data_set_has(
+    ingestor: Ingestor, tmp_path: Path, declared: str, body_ts: str, preamble: bool
+) -> None:
+    """Forwarding sends a stored file's data set under the indexed transfer syntax, so the
+    index records the encoding the data set really has (file meta with or without preamble),
+    and the file itself is kept byte for byte."""
+    [ds] = make_series(1, patient_id="ENCODING01")
+    data = _part10(ds, declared, body_ts, preamble)
+    path = tmp_path / "exported.dcm"
+    path.write_bytes(data)
+    result = ingestor.ingest_file(path, Source(kind="folder", folder=str(tmp_path)))
+    assert ingestor.store.absolute(result.path).read_bytes() == data
+    with ingestor.engine.connect() as conn:
+        ts, patient = conn.execute(
+            select(Instance.transfer_syntax_uid, Study.patient_id).join(
+                Study, Study.id == Instance.study_pk
+            )
+        ).one()
+    assert (ts, patient) == (body_ts, "ENCODING01")
+
+
+@pytest.mark.parametrize("ts", ["1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95"])
+def test_deflated_data_sets_are_indexed(ingestor: Ingestor, ts: str) -> None:
+    """Deflated Explicit VR Little Endian and JPIP Referenced Deflate both deflate the whole
+    data set: each is read (inflated) for the index and stored as received."""
+    import zlib
+
+    [ds] = make_series(1, patient_id="DEFLATE01")
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body = compressor.compress(encoded(ds)) + compressor.flush()
+    result = ingestor.ingest_network(body, ts, str(ds.SOPClassUID), str(ds.SOPInstanceUID), SCU)
+    assert not result.duplicate
+    stored = ingestor.store.absolute(result.path).read_bytes()
+    assert stored.endswith(body)
+    with ingestor.engine.connect() as conn:
+        assert conn.execute(select(Study.patient_id)).scalar_one() == "DEFLATE01"

@@ -230,7 +230,7 @@ def test_c_store_with_the_data_set_in_many_pdus_and_pdvs(make_node, ct_files: li
     for uid, data in sent.items():
         assert stored[uid].endswith(data)  # the data set byte for byte after the file meta
     wait_for(lambda: "RAWSCU from" in node.log(), what="the association's log line")
-    assert "4 stored, 0 duplicate, 0 failed" in node.log()
+    assert "4 stored, 0 duplicate, 0 conflicting, 0 failed" in node.log()
     assert "pynetdicom serves it" not in node.log()
 
 
@@ -273,7 +273,7 @@ def test_broken_message_sequences_abort_the_association(make_node, ct_files: lis
         raw.send_pdvs((other, 0x02, data[1000:]))
         assert raw.read_pdu()[0] == 0x07
     wait_for(lambda: node.log().count("RAWSCU from") == 3, what="three association log lines")
-    assert node.log().count("0 stored, 0 duplicate, 0 failed, 0 bytes") == 3
+    assert node.log().count("0 stored, 0 duplicate, 0 conflicting, 0 failed, 0 bytes") == 3
     assert "aborted: a command arrived before the data set of the last one ended" in node.log()
     assert "aborted: a data set fragment on another presentation context" in node.log()
     assert node.storage_files() == []
@@ -345,7 +345,7 @@ def test_peer_gone_before_the_response(make_node, ct_files: list[Path]) -> None:
         pdv = struct.pack(">IBB", len(data) + 2, cid, 0x02) + data
         raw.sock.sendall(struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv[: len(pdv) // 2])
     wait_for(lambda: node.log().count("RAWSCU from") == 2, what="two association log lines")
-    assert node.log().count("0 stored, 0 duplicate, 0 failed, 0 bytes") == 1
+    assert node.log().count("0 stored, 0 duplicate, 0 conflicting, 0 failed, 0 bytes") == 1
     assert storescu(node.port, ct_files).returncode == 0
     study = node.studies()[0]
     assert study["instances"] == len(ct_files)

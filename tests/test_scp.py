@@ -8,6 +8,7 @@ pynetdicom SCU that sends a file's dataset bytes verbatim (chunked from the file
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import socket
@@ -53,6 +54,12 @@ def _split(path: Path) -> tuple[str, bytes]:
     start = 144 + group_length
     ts = str(read_file_meta_info(path).TransferSyntaxUID)
     return ts, data[start:]
+
+
+def _other_content(path: Path, first: Path) -> bool:
+    """Two files with one SOP Instance UID hold other data sets in the same transfer syntax."""
+    (ts, body), (first_ts, first_body) = _split(path), _split(first)
+    return ts == first_ts and _inflated(ts, body) != _inflated(first_ts, first_body)
 
 
 def _inflated(ts: str, body: bytes) -> bytes:
@@ -297,10 +304,17 @@ def test_every_bundled_pydicom_file_is_stored_verbatim_or_quarantined(
     _assert_alive(node)
 
     first_by_uid: dict[str, Path] = {}
-    kept = quarantined = duplicates = 0
+    kept = quarantined = duplicates = conflicts = 0
     for path, status in statuses.items():
         uid = str(read_file_meta_info(path).get("MediaStorageSOPInstanceUID", ""))
-        if status != 0x0000:
+        if status == 0x0000 and uid in first_by_uid and _other_content(path, first_by_uid[uid]):
+            # The same SOP Instance UID with another data set in the same transfer syntax:
+            # answered with success, the copy in quarantine with a reason (pydicom ships
+            # several such variants).
+            records = _quarantined_for(node, uid)
+            assert any("stored already with other content" in r["reason"] for r in records)
+            conflicts += 1
+        elif status != 0x0000:
             assert status in (0xC210, 0xA900), f"{path.name}: status 0x{status:04X}"
             records = _quarantined_for(node, uid)
             assert records and all(r["reason"] for r in records), f"{path.name} not quarantined"
@@ -313,7 +327,7 @@ def test_every_bundled_pydicom_file_is_stored_verbatim_or_quarantined(
             sent_ts, sent_body = _split(path)
             assert (kept_ts, kept_body) == (sent_ts, sent_body), path.name
             kept += 1
-    assert kept > 80 and quarantined >= 1
+    assert kept > 80 and quarantined >= 1 and conflicts >= 1
     indexed = sum(study["instances"] for study in node.studies())
     assert indexed == kept
     assert sum(study["duplicates"] for study in node.studies()) == duplicates
@@ -384,6 +398,10 @@ def _case(kind: str) -> tuple[str, str, bytes, str, tuple[Any, ...]]:
         ds = _dataset()
         expect = ("quarantined", 0xA900, "differs")
         return _SECONDARY_CAPTURE, generate_uid(), encoded(ds), explicit, expect
+    if kind == "sop-class-differs-from-request":
+        ds = _dataset()
+        expect = ("quarantined", 0xA900, "SOP Class UID in the dataset")
+        return CT_IMAGE_STORAGE, ds.SOPInstanceUID, encoded(ds), explicit, expect
     if kind == "truncated-in-header":
         ds, body = _ct_body()
         cut = body.index(struct.pack("<HH", 0x0020, 0x000D)) + 12  # inside the Study UID
@@ -462,6 +480,7 @@ _MALFORMED = [
     "missing-series-uid",
     "missing-sop-instance-uid",
     "sop-uid-differs-from-request",
+    "sop-class-differs-from-request",
     "truncated-in-header",
     "truncated-in-pixel-data",
     "random-bytes",
@@ -512,6 +531,51 @@ def test_malformed_input_is_stored_or_quarantined(
 def _quarantine_json(node: RunningNode) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = json.loads(node.cli("quarantine", "--json").stdout)
     return rows
+
+
+def test_resent_instances_duplicates_conflicts_and_another_patient(
+    make_node: Any, tmp_path: Path
+) -> None:
+    """Over storescu: the same files again are duplicates; the same SOP Instance UID with a
+    changed value is answered with success but its copy is quarantined with the reason (the
+    first copy stays); an instance of the study naming another patient is refused (0xC230)
+    and quarantined. The called AE title the sender asked for is what the index records."""
+    node = make_node()
+    datasets = make_series(3, patient_id="RESEND01")
+    files = write_series(tmp_path / "first", datasets)
+    storescu(node.port, files, called_ae="NODE-ALIAS")
+    storescu(node.port, files)
+    changed = copy.deepcopy(datasets[0])
+    changed.SeriesDescription = "corrected"
+    other_patient = copy.deepcopy(datasets[1])
+    other_patient.SOPInstanceUID = generate_uid()
+    other_patient.PatientID = "SOMEONE-ELSE"
+    [changed_file] = write_series(tmp_path / "changed", [changed])
+    [other_file] = write_series(tmp_path / "other", [other_patient])
+    result = storescu(node.port, [changed_file])
+    assert "Received Store Response (Success)" in result.stdout + result.stderr
+    result = storescu(node.port, [other_file], check=False)
+    assert "Received Store Response (Error: CannotUnderstand)" in result.stdout + result.stderr
+
+    [study] = node.studies()
+    assert (study["instances"], study["duplicates"], study["patient_id"]) == (3, 3, "RESEND01")
+    [series] = study["series"]
+    assert series["source"]["called_ae"] == "NODE-ALIAS"
+    kept = {pydicom.dcmread(p).SOPInstanceUID: p for p in node.storage_files()}
+    assert len(kept) == 3
+    assert pydicom.dcmread(kept[changed.SOPInstanceUID]).SeriesDescription == (
+        datasets[0].SeriesDescription
+    )
+    [conflict] = _quarantined_for(node, changed.SOPInstanceUID)
+    assert "stored already with other content" in conflict["reason"]
+    assert "SeriesDescription" in conflict["reason"]
+    [refused] = _quarantined_for(node, other_patient.SOPInstanceUID)
+    assert "belongs to another patient" in refused["reason"]
+    lines = wait_for(
+        lambda: [m for m in _LOG_LINE.finditer(node.log())], what="association log lines"
+    )
+    assert "1 conflicting" in node.log()
+    assert any(m["called"] == "NODE-ALIAS" for m in lines)
 
 
 # --- allow-list and echo ----------------------------------------------------------------------
@@ -597,7 +661,8 @@ def test_echo_command_by_address_and_by_registered_name(make_node: Any) -> None:
 
 _LOG_LINE = re.compile(
     r"association (?P<calling>\S+) from (?P<peer>[\d.]+):(?P<port>\d+) to (?P<called>\S+): "
-    r"(?P<stored>\d+) stored, (?P<duplicates>\d+) duplicate, (?P<failed>\d+) failed, "
+    r"(?P<stored>\d+) stored, (?P<duplicates>\d+) duplicate, \d+ conflicting, "
+    r"(?P<failed>\d+) failed, "
     r"(?P<bytes>\d+) bytes, (?P<seconds>[\d.]+) s, (?P<outcome>[\w ]+)$",
     re.MULTILINE,
 )
