@@ -6,6 +6,10 @@
   force timeout: a new version that brings the input routes it; at the deadline it is reported
   unmatched with the reason.
 - A study no rule matches is recorded ``unmatched`` with every rule's reason; it stays stored.
+- A later version (late instances) gives a rule a job again only when it has something new to
+  work on: a ``forward`` only when a selected series received instances in that version (it
+  sends only those), a ``run`` only when one of its inputs changed since the rule's last job
+  or the inputs it picks are others. Otherwise the decision says why nothing was done.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from dicomnode.settings import Settings
 from routing.rules import Decision, evaluate_rules
 from routing.views import study_view_from_index
 from storage.db import utcnow
-from storage.models import Job, JobState, RoutingRecord, Study, StudyState
+from storage.models import Instance, Job, JobState, RoutingRecord, Series, Study, StudyState
 
 __all__ = ["Routed", "Router"]
 
@@ -62,14 +66,30 @@ class Router:
             explanation = "\n".join(d.explain() for d in decisions) or "no rules configured"
             matched = [d for d in decisions if d.matched]
             held = [d for d in decisions if d.held]
-            jobs = [self._job(study, version, d, now) for d in matched]
+            unchanged = {
+                id(d): why
+                for d in matched
+                if (why := _nothing_new(session, study_pk, version, d)) is not None
+            }
+            if unchanged:
+                explanation += "".join(
+                    f"\nrule {d.rule.name}: {unchanged[id(d)]}"
+                    for d in matched
+                    if id(d) in unchanged
+                )
+            jobs = [self._job(study, version, d, now) for d in matched if id(d) not in unchanged]
             session.add_all(jobs)
-            outcome = "routed" if matched else "held" if held else "unmatched"
+            if jobs:
+                outcome = "routed"
+            elif held:
+                outcome = "held"
+            else:
+                outcome = "unchanged" if matched else "unmatched"
             session.add(
                 RoutingRecord(
                     study_pk=study_pk,
                     version=version,
-                    outcome=outcome if not (matched and held) else "routed+held",
+                    outcome=outcome if not (jobs and held) else "routed+held",
                     explanation=explanation,
                     decided_at=now,
                     hold_until=deadline if held else None,
@@ -150,3 +170,45 @@ class Router:
             update={"rules": [r for r in self.settings.rules if r.name not in done]}
         )
         return Router(self.engine, settings).route(study_pk, version, final=True)
+
+
+def _nothing_new(session: Session, study_pk: int, version: int, decision: Decision) -> str | None:
+    """Why a matched rule has nothing to do in study version ``version`` (a late arrival),
+    or None when it gets a job."""
+    if version <= 1 or decision.rule.action == "discard":
+        return None
+    selected = decision.selected_series
+    changed = set(
+        session.scalars(
+            select(Series.series_instance_uid)
+            .join(Instance, Instance.series_pk == Series.id)
+            .where(
+                Instance.study_pk == study_pk,
+                Instance.study_version == version,
+                Instance.job_pk.is_(None),
+                Series.series_instance_uid.in_(selected),
+            )
+            .distinct()
+        )
+    )
+    if changed:
+        return None
+    if decision.rule.action == "forward":
+        return f"not forwarded again: its series received nothing in version {version}"
+    last = session.scalars(
+        select(Job)
+        .where(
+            Job.study_pk == study_pk,
+            Job.rule == decision.rule.name,
+            Job.study_version < version,
+            Job.state != JobState.CANCELLED,
+        )
+        .order_by(Job.study_version.desc())
+        .limit(1)
+    ).first()
+    if last is None or last.inputs != decision.inputs:
+        return None
+    return (
+        f"not run again: its inputs are unchanged since version {last.study_version} "
+        f"(job {last.id})"
+    )

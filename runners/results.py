@@ -2,7 +2,8 @@
 
 Results belong to their study and are linked to the job that made them. Unlike received
 instances they never re-open a completed study nor start routing again (a result must not
-trigger the rule that produced it), and a job run again finds the results it already stored.
+trigger the rule that produced it), they are not counted in the study's instances and bytes
+(those say what was received), and a job run again finds the results it already stored.
 """
 
 from __future__ import annotations
@@ -108,11 +109,6 @@ def store_result(
             update(Series)
             .where(Series.id == series_pk)
             .values(instances=Series.instances + 1, size_bytes=Series.size_bytes + size)
-        )
-        session.execute(
-            update(Study)
-            .where(Study.id == study.id)
-            .values(instances=Study.instances + 1, size_bytes=Study.size_bytes + size)
         )
         session.commit()
         logger.info(

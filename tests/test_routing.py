@@ -184,3 +184,79 @@ def test_route_test_explains_each_rule_on_real_files(
     text = capsys.readouterr().out
     assert "rule velocity-only (discard, normal): matched" in text
     assert "=> job: rule ct forward (normal) on 1 series -> PACS, origin" in text
+
+
+def test_late_instances_give_jobs_only_to_rules_with_something_new(tmp_path: Path) -> None:
+    """A study routed, then late instances (new versions): a forward rule gets a job only in
+    a version that brought instances to its series; a run rule runs again only when one of
+    its inputs changed; the routing record says why a rule did nothing."""
+    from datetime import timedelta
+
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from dicomnode.completion import CompletionMonitor
+    from dicomnode.ingest import Ingestor, Source
+    from dicomnode.settings import Settings
+    from routing.engine import Router
+    from storage.db import make_engine, upgrade_schema, utcnow
+    from storage.filestore import FileStore
+    from storage.models import Job, RoutingRecord
+    from tests.dicomgen import encoded
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'index.db'}")
+    upgrade_schema(engine)
+    store = FileStore(tmp_path / "storage")
+    store.prepare()
+    ingestor = Ingestor(engine, store)
+    settings = Settings.model_validate(
+        {
+            "nodes": {"PACS": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104}},
+            "rules": [
+                {
+                    "name": "ct-out",
+                    "series": {"Modality": "CT"},
+                    "action": "forward",
+                    "destinations": ["PACS"],
+                },
+                {
+                    "name": "mr-model",
+                    "series": {"Modality": "MR"},
+                    "action": "run",
+                    "pipeline": "brain",
+                },
+            ],
+        }
+    )
+    study_uid = generate_uid()
+    ct = make_series(3, modality="CT", study_uid=study_uid)
+    mr = make_series(3, modality="MR", study_uid=study_uid)
+    source = Source(kind="dicom", calling_ae="MODALITY", peer_address="127.0.0.1")
+    monitor = CompletionMonitor(engine, settings.completion)
+    router = Router(engine, settings)
+    clock = [utcnow()]
+
+    def deliver(*datasets: Any) -> tuple[str, list[str]]:
+        for ds in datasets:
+            ingestor.ingest_network(
+                encoded(ds), "1.2.840.10008.1.2.1", ds.SOPClassUID, ds.SOPInstanceUID, source
+            )
+        clock[0] += timedelta(seconds=settings.completion.settle_seconds + 60)
+        [done] = monitor.check(now=clock[0])
+        routed = router.route(done.study_pk, done.version)
+        with Session(engine) as session:
+            rules = session.scalars(
+                select(Job.rule).where(Job.study_version == done.version).order_by(Job.rule)
+            ).all()
+        return routed.outcome, list(rules)
+
+    assert deliver(*ct[:2], *mr[:2]) == ("routed", ["ct-out", "mr-model"])
+    assert deliver(ct[2]) == ("routed", ["ct-out"])  # the model's MR input did not change
+    assert deliver(mr[2]) == ("routed", ["mr-model"])  # nothing new for the CT forward
+    with Session(engine) as session:
+        records = session.scalars(select(RoutingRecord).order_by(RoutingRecord.version)).all()
+    assert "rule mr-model: not run again: its inputs are unchanged since version 1" in (
+        records[1].explanation
+    )
+    assert "rule ct-out: not forwarded again" in records[2].explanation
+    engine.dispose()
