@@ -17,7 +17,9 @@ from collections.abc import Iterable
 __all__ = ["DEFLATED_TRANSFER_SYNTAXES", "conflict", "dataset_part"]
 
 # Transfer syntaxes whose whole data set is deflated (not only the pixel data frames).
-DEFLATED_TRANSFER_SYNTAXES = frozenset(("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95"))
+DEFLATED_TRANSFER_SYNTAXES = frozenset(
+    ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95", "1.2.840.10008.1.2.4.205")
+)
 _LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR"))
 _LONG_VRS |= {b"UT", b"SV", b"UV"}
 
