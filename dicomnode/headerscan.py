@@ -17,12 +17,13 @@ from collections.abc import Iterable
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 
+from dicomnode.resend import DEFLATED_TRANSFER_SYNTAXES as _DEFLATED
+
 __all__ = ["KNOWN_VRS", "HeaderScanner", "NotHandled"]
 
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 # Transfer syntaxes whose dataset is explicit VR little endian, not deflated.
 _EXPLICIT_LE = re.compile(r"^1\.2\.840\.10008\.1\.2\.(1|4\.\d+|5)$")
-_DEFLATED = {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95", "1.2.840.10008.1.2.4.205"}
 
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT"}
 _LONG_VRS.add(b"UV")
