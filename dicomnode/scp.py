@@ -381,8 +381,10 @@ class StoreSCP:
             else:
                 self._count_failure(stats)
             return status
-        except StorageError:
-            logger.exception("C-STORE %s not stored", sop_instance_uid)
+        except StorageError as exc:
+            # The message names the cause (disk full, database unreachable); a traceback for
+            # every instance of an association would bury it.
+            logger.error("C-STORE %s not stored: %s", sop_instance_uid, exc)
             self._count_failure(stats)
             return STATUS["out_of_resources"]
         except Exception:
