@@ -75,8 +75,9 @@ _C_ECHO_RQ = 0x0030
 _NO_DATA_SET = 0x0101
 _HANDLER_FAILED = 0xC211  # pynetdicom's status for an exception in the C-STORE handler
 
-StoreCallback = Callable[[Any, str, str, str, bytes | memoryview], int]
-"""``store(assoc, transfer_syntax, sop_class_uid, sop_instance_uid, dataset) -> status``"""
+StoreCallback = Callable[[Any, str, str, str, bytes | memoryview], "int | tuple[int, str]"]
+"""``store(assoc, transfer_syntax, sop_class_uid, sop_instance_uid, dataset) -> status``, or
+``(status, error comment)`` to tell the sender why an instance was refused."""
 
 
 def _ui(element: int, uid: str) -> bytes:
@@ -86,12 +87,27 @@ def _ui(element: int, uid: str) -> bytes:
     return _ELEMENT.pack(0x0000, element, len(value)) + value
 
 
+def _lo(element: int, text: str) -> bytes:
+    value = text.encode("ascii", "replace")[:64]
+    if len(value) % 2:
+        value += b" "
+    return _ELEMENT.pack(0x0000, element, len(value)) + value
+
+
 def c_store_rsp_pdu(
-    context_id: int, message_id: int, sop_class_uid: str, sop_instance_uid: str, status: int
+    context_id: int,
+    message_id: int,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    status: int,
+    error_comment: str | None = None,
 ) -> bytes:
     """A P-DATA-TF PDU carrying a C-STORE-RSP command set (implicit VR little endian, no
-    data set) in one PDV, as pynetdicom encodes it."""
-    return _rsp_pdu(context_id, 0x8001, message_id, sop_class_uid, sop_instance_uid, status)
+    data set) in one PDV, as pynetdicom encodes it; ``error_comment`` (Error Comment, up to
+    64 characters of ASCII) for a failure."""
+    return _rsp_pdu(
+        context_id, 0x8001, message_id, sop_class_uid, sop_instance_uid, status, error_comment
+    )
 
 
 def c_echo_rsp_pdu(context_id: int, message_id: int, sop_class_uid: str, status: int) -> bytes:
@@ -106,6 +122,7 @@ def _rsp_pdu(
     sop_class_uid: str,
     sop_instance_uid: str | None,
     status: int,
+    error_comment: str | None = None,
 ) -> bytes:
     elements = b"".join(
         (
@@ -114,6 +131,7 @@ def _rsp_pdu(
             _US.pack(0x0000, 0x0120, 2, message_id),
             _US.pack(0x0000, 0x0800, 2, _NO_DATA_SET),  # CommandDataSetType
             _US.pack(0x0000, 0x0900, 2, status),
+            _lo(0x0902, error_comment) if error_comment else b"",
             _ui(0x1000, sop_instance_uid) if sop_instance_uid is not None else b"",
         )
     )
@@ -540,7 +558,7 @@ class _DUL(DULServiceProvider):
         store = self._store
         assert store is not None
         try:
-            status = store(
+            answer = store(
                 self.assoc,
                 request.transfer_syntax,
                 request.sop_class_uid,
@@ -549,7 +567,8 @@ class _DUL(DULServiceProvider):
             )
         except Exception:
             logger.exception("C-STORE %s: the store callback failed", request.sop_instance_uid)
-            status = _HANDLER_FAILED
+            answer = _HANDLER_FAILED
+        status, comment = answer if isinstance(answer, tuple) else (answer, None)
         self._respond(
             c_store_rsp_pdu(
                 request.context_id,
@@ -557,6 +576,7 @@ class _DUL(DULServiceProvider):
                 request.sop_class_uid,
                 request.sop_instance_uid,
                 status,
+                comment,
             )
         )
 

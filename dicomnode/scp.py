@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
@@ -342,16 +343,21 @@ class StoreSCP:
         if self.on_association_end is not None:
             self.on_association_end(stats)
 
-    def _on_store(self, event: Any) -> int:
+    def _on_store(self, event: Any) -> int | Dataset:
         """EVT_C_STORE, for associations pynetdicom serves itself (see _pynetdicom_fast)."""
         req = event.request
-        return self.store(
+        answer = self.store(
             event.assoc,
             str(event.context.transfer_syntax),
             str(req.AffectedSOPClassUID),
             str(req.AffectedSOPInstanceUID),
             req.DataSet.getbuffer(),
         )
+        if isinstance(answer, int):
+            return answer
+        status = Dataset()
+        status.Status, status.ErrorComment = answer
+        return status
 
     def store(
         self,
@@ -360,8 +366,9 @@ class StoreSCP:
         sop_class_uid: str,
         sop_instance_uid: str,
         dataset: bytes | memoryview,
-    ) -> int:
-        """Ingest one received data set; the C-STORE status to answer with."""
+    ) -> int | tuple[int, str]:
+        """Ingest one received data set; the C-STORE status to answer with, and for a refused
+        instance an Error Comment saying why (the whole reason is in the quarantine)."""
         stats = self._stats.get(id(assoc))
         try:
             source = Source(
@@ -378,9 +385,9 @@ class StoreSCP:
             if status == STATUS["success"]:
                 if stats is not None:
                     stats.conflicts += 1
-            else:
-                self._count_failure(stats)
-            return status
+                return status
+            self._count_failure(stats)
+            return status, _error_comment(exc.reason)
         except StorageError as exc:
             # The message names the cause (disk full, database unreachable); a traceback for
             # every instance of an association would bury it.
@@ -404,3 +411,10 @@ class StoreSCP:
     def _count_failure(stats: AssociationStats | None) -> None:
         if stats is not None:
             stats.failed += 1
+
+
+def _error_comment(reason: str) -> str:
+    """A quarantine reason as an Error Comment (LO: 64 characters, no backslash)."""
+    text = reason.replace("\\", "/").encode("ascii", "replace").decode()
+    text = text.removeprefix("cannot index dataset: ")
+    return text if len(text) <= 64 else text[:61] + "..."

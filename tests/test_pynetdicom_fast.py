@@ -26,13 +26,20 @@ from tests.dicomgen import encoded, make_series, write_series
 
 
 def _pynetdicom_rsp_pdu(
-    context_id: int, message_id: int, sop_class: str, sop_instance: str, status: int
+    context_id: int,
+    message_id: int,
+    sop_class: str,
+    sop_instance: str,
+    status: int,
+    comment: str | None = None,
 ) -> bytes:
     rsp = C_STORE()
     rsp.MessageIDBeingRespondedTo = message_id
     rsp.AffectedSOPClassUID = sop_class
     rsp.AffectedSOPInstanceUID = sop_instance
     rsp.Status = status
+    if comment is not None:
+        rsp.ErrorComment = comment
     msg = C_STORE_RSP()
     msg.primitive_to_message(rsp)
     (pdata,) = list(msg.encode_msg(context_id, 16384))
@@ -58,6 +65,15 @@ def test_c_store_rsp_bytes_match_pynetdicom(
     assert ours == _pynetdicom_rsp_pdu(context_id, message_id, sop_class, sop_instance, status)
 
 
+@pytest.mark.parametrize(
+    "comment", ["odd length", "even length!", "x" * 64, "study 1.2.3 belongs to another patient"]
+)
+def test_c_store_rsp_with_error_comment_matches_pynetdicom(comment: str) -> None:
+    ours = c_store_rsp_pdu(1, 7, "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", 0xC230, comment)
+    theirs = _pynetdicom_rsp_pdu(1, 7, "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", 0xC230, comment)
+    assert ours == theirs
+
+
 def test_pynetdicom_scu_reads_the_fast_responses(make_node, ct_files: list[Path]) -> None:
     node = make_node()
     ae = AE(ae_title="PYNETDICOM")
@@ -74,7 +90,9 @@ def test_pynetdicom_scu_reads_the_fast_responses(make_node, ct_files: list[Path]
         # A failure status goes through the same encoder.
         bad = pydicom.dcmread(ct_files[4])
         del bad.StudyInstanceUID
-        assert assoc.send_c_store(bad).Status == 0xC210
+        refused = assoc.send_c_store(bad)
+        assert refused.Status == 0xC210
+        assert refused.ErrorComment == "missing StudyInstanceUID"
         # The same instance again: success, counted as a duplicate.
         assert assoc.send_c_store(pydicom.dcmread(ct_files[0])).Status == 0x0000
     finally:
