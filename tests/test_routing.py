@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,13 @@ from pydicom.uid import generate_uid
 
 from dicomnode.cli import EXIT, main
 from dicomnode.errors import ConfigError
-from dicomnode.settings import load_settings
+from dicomnode.ingest import Ingestor, Source
+from dicomnode.settings import Settings, load_settings
 from routing.conditions import ConditionError, compile_condition
+from routing.engine import Router
 from routing.rules import Rule, SeriesView, StudyView, evaluate_rules
+from storage.db import make_engine, upgrade_schema
+from storage.filestore import FileStore
 from tests.dicomgen import make_series, write_series
 
 values = st.one_of(
@@ -184,3 +189,26 @@ def test_route_test_explains_each_rule_on_real_files(
     text = capsys.readouterr().out
     assert "rule velocity-only (discard, normal): matched" in text
     assert "=> job: rule ct forward (normal) on 1 series -> PACS, origin" in text
+
+
+def test_a_study_no_rule_matches_is_recorded_and_logged_at_info(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Unmatched is a normal outcome (the embedded default leaves every non-T1 study so): it is
+    recorded and logged at INFO, never as a WARNING."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'index.db'}")
+    upgrade_schema(engine)
+    store = FileStore(tmp_path / "storage")
+    store.prepare()
+    ingestor = Ingestor(engine, store)
+    source = Source(kind="folder", folder=str(tmp_path / "in"))
+    for path in write_series(tmp_path / "in", make_series(2, modality="CT")):
+        ingestor.ingest_file(path, source)
+    settings = Settings(rules=[Rule(name="mr-only", series={"Modality": "MR"}, action="discard")])
+    with caplog.at_level(logging.DEBUG, logger="routing"):
+        routed = Router(engine, settings).route(1, 1)
+    engine.dispose()
+    assert routed.outcome == "unmatched"
+    [record] = [r for r in caplog.records if "unmatched" in r.getMessage()]
+    assert record.levelno == logging.INFO, record.levelname
+    assert "rule mr-only" in record.getMessage()
