@@ -557,6 +557,32 @@ def test_allow_list_admits_listed_callers_and_refuses_others(
     _assert_alive_as(node, "ANYWHERE")
 
 
+def test_a_listener_open_to_anyone_is_warned_about(tmp_path: Path) -> None:
+    """The embedded default (``make run``) listens on all interfaces and admits any calling AE
+    so that senders on other hosts reach it; it says so with one warning at start."""
+    from dicomnode.service import open_to_any_caller
+    from dicomnode.settings import NodeSettings, embedded_settings
+
+    warning = open_to_any_caller(embedded_settings(tmp_path / "data").node)
+    assert warning == (
+        "accepting associations from any calling AE on all interfaces; "
+        "set node.allowed_calling_aes to restrict"
+    )
+    assert "on all interfaces" in (open_to_any_caller(NodeSettings(host="::")) or "")
+    assert "on 192.0.2.5;" in (open_to_any_caller(NodeSettings(host="192.0.2.5")) or "")
+    assert "on pacs-gw.example.org;" in (
+        open_to_any_caller(NodeSettings(host="pacs-gw.example.org")) or ""
+    )
+    for quiet in (
+        NodeSettings.model_validate({"host": "0.0.0.0", "allowed_calling_aes": ["PACS"]}),
+        NodeSettings(host="127.0.0.1"),
+        NodeSettings(host="127.0.1.1"),
+        NodeSettings(host="::1"),
+        NodeSettings(host="localhost"),
+    ):
+        assert open_to_any_caller(quiet) is None, quiet
+
+
 def _assert_alive_as(node: RunningNode, calling_ae: str) -> None:
     assert node.proc is not None and node.proc.poll() is None, f"node died:\n{node.log()}"
     assert _echo(node.port, calling_ae).returncode == 0
@@ -591,6 +617,8 @@ def test_echo_command_by_address_and_by_registered_name(make_node: Any) -> None:
     assert closed.returncode == 4
     assert "association failed" in closed.stderr
     assert "association DICOMNODE from 127.0.0.1" in node.log()
+    # Loopback only: nobody else can connect, so no warning about admitting any caller.
+    assert "accepting associations from any calling AE" not in node.log()
 
 
 # --- the association log line -------------------------------------------------------------------
