@@ -12,16 +12,26 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, selectinload
 
-from dicomnode.errors import ConfigError, DicomNodeError
+from dicomnode.errors import ConfigError, DicomNodeError, IndexMissingError
 from dicomnode.settings import Settings, embedded_settings, load_settings
-from storage.db import make_engine, upgrade_schema
+from storage.db import index_location, make_engine, missing_index, upgrade_schema
 from storage.models import CompletionEvent, QuarantineRecord, Study
 
 __all__ = ["EXIT", "main"]
 
-EXIT = {"ok": 0, "failure": 1, "usage": 2, "config": 3, "unreachable": 4}
+# Exit codes, documented in README.md (Commands).
+EXIT = {
+    "ok": 0,
+    "failure": 1,
+    "usage": 2,
+    "config": 3,
+    "unreachable": 4,
+    "rejected": 5,
+    "no_index": 6,
+}
 DEFAULT_CONFIG = Path("/etc/dicomnode/dicomnode.yaml")
 
 logger = logging.getLogger("dicomnode")
@@ -137,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dicomnode: {exc}", file=sys.stderr)
         return EXIT["config"]
+    except IndexMissingError as exc:
+        print(f"dicomnode: {exc}", file=sys.stderr)
+        return EXIT["no_index"]
     except DicomNodeError as exc:
         print(f"dicomnode: {exc}", file=sys.stderr)
         return EXIT["failure"]
@@ -327,7 +340,26 @@ def _serve(settings: Settings) -> int:
 
 
 def _open_index(settings: Settings) -> Any:
-    engine = make_engine(settings.database.url)
+    """The engine of an index that exists (brought to the newest schema). Commands other than
+    ``serve``, ``worker`` and ``db upgrade`` never create one: a mistyped --data or --config
+    must not look like an empty node."""
+    url = settings.database.url
+    where = index_location(url)
+    try:
+        missing = missing_index(url)
+    except SQLAlchemyError as exc:
+        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise DicomNodeError(
+            f"cannot open the index database {where}: {first} "
+            "(is the database server running, and database.url right?)"
+        ) from exc
+    if missing is not None:
+        raise IndexMissingError(
+            f"no dicomnode index at {where}{': ' + missing if missing else ''} "
+            "(is --data/--config right? the node creates it on first start, "
+            "or run 'dicomnode db upgrade')"
+        )
+    engine = make_engine(url)
     upgrade_schema(engine)
     return engine
 
