@@ -99,6 +99,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_source(p)
     p.add_argument("target", help="a name from the nodes registry, or HOST:PORT")
     p.add_argument("--ae", help="called AE title for HOST:PORT (default ANY-SCP)")
+    p.add_argument(
+        "--calling-ae",
+        metavar="TITLE",
+        help="our (calling) AE title (default node.ae_title; a node with an allow-list refuses "
+        "its own title unless listed)",
+    )
     p.add_argument("--timeout", type=float, default=10.0, help="seconds")
 
     p = sub.add_parser("route", help="routing rules")
@@ -173,7 +179,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "quarantine":
         return _quarantine(settings, args.json)
     if args.command == "echo":
-        return _echo(settings, args.target, args.ae, args.timeout)
+        calling = args.calling_ae or settings.node.ae_title
+        return _echo(settings, args.target, args.ae, calling, args.timeout)
     if args.command == "route":
         return _route_test(settings, args)
     if args.command in ("jobs", "deliveries", "routing"):
@@ -479,10 +486,12 @@ def _quarantine(settings: Settings, as_json: bool) -> int:
     return EXIT["ok"]
 
 
-def _echo(settings: Settings, target: str, ae: str | None, timeout: float) -> int:
+def _echo(settings: Settings, target: str, ae: str | None, calling_ae: str, timeout: float) -> int:
+    """C-ECHO ``target`` as ``calling_ae``: exit 0 on success, 4 when the peer cannot be
+    reached, 5 when it refuses the association, 1 on a failure status."""
     from pynetdicom import AE
 
-    from dicomnode.deliver import describe_failure, tls_args
+    from dicomnode.deliver import describe_failure, rejection, tls_args
     from dicomnode.settings import RemoteNode
 
     if target in settings.nodes:
@@ -503,14 +512,24 @@ def _echo(settings: Settings, target: str, ae: str | None, timeout: float) -> in
         except ValueError as exc:  # pydantic's ValidationError: a bad port or AE title
             print(f"dicomnode: {target!r}: {exc}", file=sys.stderr)
             return EXIT["usage"]
-    client = AE(ae_title=settings.node.ae_title)
+    try:
+        client = AE(ae_title=calling_ae)
+    except ValueError as exc:  # pynetdicom checks the title: length, characters
+        print(f"dicomnode: --calling-ae {calling_ae!r}: {exc}", file=sys.stderr)
+        return EXIT["usage"]
     client.add_requested_context("1.2.840.10008.1.1")
     client.acse_timeout = client.network_timeout = client.dimse_timeout = timeout
     client.connection_timeout = timeout  # also bounds a TLS handshake
     assoc = client.associate(host, port, ae_title=called, tls_args=tls_args(remote))
     if not assoc.is_established:
-        why = describe_failure(remote, assoc, settings.node.ae_title, timeout)
-        print(f"C-ECHO {called}@{host}:{port}: association failed: {why}", file=sys.stderr)
+        why = describe_failure(remote, assoc, calling_ae, timeout)
+        refused = rejection(assoc)
+        if refused is not None:
+            if refused[1:] == (1, 3):  # calling AE title not recognised
+                why += " (or echo as a title it accepts: --calling-ae TITLE)"
+            print(f"C-ECHO as {calling_ae}: {why}", file=sys.stderr)
+            return EXIT["rejected"]
+        print(f"C-ECHO as {calling_ae}: unreachable: {why}", file=sys.stderr)
         return EXIT["unreachable"]
     status = assoc.send_c_echo()
     assoc.release()

@@ -36,6 +36,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config
 
+from dicomnode.cli import EXIT
 from tests.conftest import RunningNode, node_config, require_tool, storescu, wait_for
 from tests.dicomgen import CT_IMAGE_STORAGE, encoded, make_series, write_series
 
@@ -545,10 +546,19 @@ def test_allow_list_admits_listed_callers_and_refuses_others(
             lambda ae=ae: f"association refused: calling AE '{ae}' from 127.0.0.1" in node.log(),
             what=f"the refusal of {ae} in the log",
         )
-    # The CLI's own echo calls as the node's AE title, which is not listed either.
+    # The CLI's own echo calls as the node's AE title, which is not listed either: refused,
+    # with the reason from the A-ASSOCIATE-RJ and its own exit code.
     refused = node.cli("echo", f"127.0.0.1:{node.port}", check=False)
-    assert refused.returncode == 4
-    assert "rejected" in refused.stderr
+    assert refused.returncode == EXIT["rejected"] == 5, refused.stderr
+    assert (
+        f"C-ECHO as DICOMNODE: ANY-SCP@127.0.0.1:{node.port} refused the association: "
+        "Calling AE title not recognised (Rejected Permanent, from the Service User); "
+        "it does not accept our calling AE title DICOMNODE"
+    ) in refused.stderr
+    assert "--calling-ae TITLE" in refused.stderr
+    as_listed = node.cli("echo", f"127.0.0.1:{node.port}", "--calling-ae", "LOCAL", check=False)
+    assert as_listed.returncode == EXIT["ok"], as_listed.stderr
+    assert "success" in as_listed.stdout
 
     [study] = node.studies()
     assert study["instances"] == 2
@@ -611,12 +621,43 @@ def test_echo_command_by_address_and_by_registered_name(make_node: Any) -> None:
     # A port where nobody listens (bound, never listening: refused at once).
     with socket.socket() as idle:
         idle.bind(("127.0.0.1", 0))
-        closed = node.cli(
-            "echo", f"127.0.0.1:{idle.getsockname()[1]}", "--timeout", "5", check=False
-        )
-    assert closed.returncode == 4
-    assert "association failed" in closed.stderr
+        port = idle.getsockname()[1]
+        closed = node.cli("echo", f"127.0.0.1:{port}", "--timeout", "5", check=False)
+    assert closed.returncode == EXIT["unreachable"] == 4
+    assert (
+        f"unreachable: ANY-SCP@127.0.0.1:{port}: connection refused: nothing listens on port "
+        f"{port} of 127.0.0.1"
+    ) in closed.stderr
     assert "association DICOMNODE from 127.0.0.1" in node.log()
+    # Listening, but not a DICOM node: the connection is accepted, the request not answered.
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen()
+        port = mute.getsockname()[1]
+        silent = node.cli("echo", f"127.0.0.1:{port}", "--timeout", "1", check=False)
+    assert silent.returncode == EXIT["unreachable"]
+    assert "accepted the connection but not the association request" in silent.stderr
+    assert "no answer within 1 s" in silent.stderr
+    # A listener whose queue of pending connections is full: new connections time out.
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        waiting = [socket.socket() for _ in range(4)]
+        try:
+            for pending in waiting:
+                pending.setblocking(False)
+                pending.connect_ex(("127.0.0.1", port))
+            late = node.cli("echo", f"127.0.0.1:{port}", "--timeout", "1", check=False)
+        finally:
+            for pending in waiting:
+                pending.close()
+    assert late.returncode == EXIT["unreachable"]
+    assert f"connection timed out: no answer from 127.0.0.1:{port} within 1 s" in late.stderr
+
+    bad_title = node.cli("echo", "SELF", "--calling-ae", "A_TITLE_TOO_LONG_", check=False)
+    assert bad_title.returncode == EXIT["usage"]
+    assert "--calling-ae 'A_TITLE_TOO_LONG_'" in bad_title.stderr
     # Loopback only: nobody else can connect, so no warning about admitting any caller.
     assert "accepting associations from any calling AE" not in node.log()
 
