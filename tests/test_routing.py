@@ -148,7 +148,7 @@ def test_rule_errors_in_a_rules_folder_name_file_and_line(tmp_path: Path) -> Non
     with pytest.raises(ConfigError) as info:
         load_settings(config)
     text = str(info.value)
-    assert f"{rules / '10-ct.yaml'}:4: 1: action 'run' needs 'pipeline: NAME'" in text
+    assert f"{rules / '10-ct.yaml'}:4: [1]: action 'run' needs 'pipeline: NAME'" in text
     assert f"{rules / '10-ct.yaml'}:6: rules: the name 'ct' is used again" in text
     assert "'NOWHERE' is not in the nodes registry (PACS)" in text
 
