@@ -468,11 +468,16 @@ def _quarantine(settings: Settings, as_json: bool) -> int:
         records = session.scalars(select(QuarantineRecord).order_by(QuarantineRecord.id)).all()
         rows = [
             {
-                "path": r.path,
+                "id": r.id,
+                "received_at": r.received_at.isoformat() + "Z",
                 "reason": r.reason,
                 "source": r.source,
+                "original_name": r.original_name,
+                "sop_instance_uid": r.sop_instance_uid,
+                "calling_ae": r.calling_ae,
+                "peer_address": r.peer_address,
+                "path": r.path,
                 "size_bytes": r.size_bytes,
-                "received_at": r.received_at.isoformat() + "Z",
             }
             for r in records
         ]
@@ -482,8 +487,24 @@ def _quarantine(settings: Settings, as_json: bool) -> int:
         print("quarantine is empty")
     else:
         for r in rows:
-            print(f"{r['received_at']}  {r['source']}  {r['reason']}\n    {r['path']}")
+            print(f"{r['received_at']}  {_quarantined_input(r)}: {r['reason']}\n    {r['path']}")
     return EXIT["ok"]
+
+
+def _quarantined_input(row: dict[str, Any]) -> str:
+    """Which input a quarantine record is, briefly: the file (relative to its watched folder)
+    or the SOP Instance UID and sender of a C-STORE."""
+    if row["original_name"]:
+        original = Path(row["original_name"])
+        if not row["source"].startswith("folder "):
+            return str(original)
+        folder = row["source"].removeprefix("folder ")
+        name = original.relative_to(folder) if original.is_relative_to(folder) else original
+        return f"{name} (folder {folder})"
+    if row["sop_instance_uid"] or row["calling_ae"]:
+        sender = f"{row['calling_ae'] or '?'}@{row['peer_address'] or '?'}"
+        return f"SOP Instance {row['sop_instance_uid'] or '(none)'} from {sender}"
+    return str(row["source"])  # recorded before the index kept these details
 
 
 def _echo(settings: Settings, target: str, ae: str | None, calling_ae: str, timeout: float) -> int:

@@ -545,7 +545,9 @@ class Ingestor:
         except Exception as exc:  # any parse failure means the data is unusable as sent
             meta = file_meta_bytes(sop_class_uid, sop_instance_uid, transfer_syntax, "")
             reason = f"cannot index dataset: {_describe(exc)}"
-            raise self._quarantine((meta, dataset), reason, source) from exc
+            raise self._quarantine(
+                (meta, dataset), reason, source, sop_instance_uid=sop_instance_uid
+            ) from exc
         meta = file_meta_bytes(
             header.sop_class, header.sop_uid, transfer_syntax, source.calling_ae or ""
         )
@@ -609,14 +611,19 @@ class Ingestor:
         reason: str,
         source: Source,
         original: str | None = None,
+        sop_instance_uid: str | None = None,
     ) -> QuarantinedError:
+        """Keep rejected input with its reason; ``original`` is the file's path (watched
+        folder), ``sop_instance_uid`` the C-STORE request's (network)."""
         now = utcnow()
+        uid = sop_instance_uid[:64] if sop_instance_uid else None  # from the wire: bounded
         meta = {
             "received_at": now.isoformat(),
             "source": source.describe(),
             "calling_ae": source.calling_ae,
             "peer_address": source.peer_address,
             "original_name": original,
+            "sop_instance_uid": uid,
         }
         target = self.store.quarantine(chunks, reason, meta)
         try:
@@ -628,6 +635,10 @@ class Ingestor:
                         source=source.describe(),
                         size_bytes=target.stat().st_size,
                         received_at=now,
+                        original_name=original,
+                        sop_instance_uid=uid,
+                        calling_ae=source.calling_ae,
+                        peer_address=source.peer_address,
                     )
                 )
         except SQLAlchemyError:

@@ -1,14 +1,24 @@
 """The read-only commands (``studies``, ``quarantine``, ``jobs``, ...) through ``main()`` on real
-SQLite indexes: a missing index is an error that creates nothing."""
+SQLite indexes: a missing index is an error that creates nothing; an index of an earlier release
+is upgraded; what the listings say."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
 import pytest
+from alembic import command
+from alembic.script import ScriptDirectory
+from pydicom.uid import ExplicitVRLittleEndian
+from sqlalchemy import Engine, inspect, text
 
 from dicomnode.cli import EXIT, main
+from dicomnode.errors import QuarantinedError
+from dicomnode.ingest import Ingestor, Source
+from storage.db import alembic_config, make_engine
+from storage.filestore import FileStore
 
 # Every command that reads (or edits rows of) an existing index and must never create one.
 READ_ONLY = [
@@ -82,3 +92,60 @@ def test_db_upgrade_creates_the_index_the_read_only_commands_then_read(
     assert capsys.readouterr().out == "no studies\n"
     assert main(["quarantine", "--data", str(data)]) == EXIT["ok"]
     assert capsys.readouterr().out == "quarantine is empty\n"
+
+
+def _index_at(data: Path, revision: str) -> Engine:
+    """An index at an older schema revision, as an earlier release of the node left it."""
+    data.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(f"sqlite:///{data / 'index.db'}")
+    with engine.begin() as conn:
+        cfg = alembic_config(engine)
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+    return engine
+
+
+def test_an_index_of_an_earlier_release_is_upgraded_and_keeps_its_quarantine(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    engine = _index_at(data, "0003")
+    with engine.begin() as conn:
+        assert "original_name" not in {c["name"] for c in inspect(conn).get_columns("quarantine")}
+        conn.execute(
+            text(
+                "INSERT INTO quarantine (path, reason, source, size_bytes, received_at) VALUES "
+                "('/old/q.dcm', 'not a readable DICOM instance: empty', 'folder /old/in', 0, "
+                "'2026-11-30 10:00:00')"
+            )
+        )
+    engine.dispose()
+
+    assert main(["quarantine", "--data", str(data)]) == EXIT["ok"]  # upgrades, then lists
+    assert capsys.readouterr().out == (
+        "2026-11-30T10:00:00Z  folder /old/in: not a readable DICOM instance: empty\n"
+        "    /old/q.dcm\n"
+    )
+    engine = make_engine(f"sqlite:///{data / 'index.db'}")
+    with engine.connect() as conn:
+        version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
+    assert version == ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
+
+    # New quarantine records of the upgraded index name their input.
+    store = FileStore(data / "storage")
+    store.prepare()
+    source = Source(kind="dicom", calling_ae="MODALITY", called_ae="DICOMNODE", peer_address="::1")
+    with pytest.raises(QuarantinedError):
+        Ingestor(engine, store).ingest_network(
+            b"\x00" * 10, ExplicitVRLittleEndian, "1.2.840.10008.5.1.4.1.1.7", "1.2.3.4", source
+        )
+    engine.dispose()
+    assert main(["quarantine", "--json", "--data", str(data)]) == EXIT["ok"]
+    old, new = json.loads(capsys.readouterr().out)
+    assert (old["original_name"], old["sop_instance_uid"], old["calling_ae"]) == (None,) * 3
+    assert (new["sop_instance_uid"], new["calling_ae"], new["peer_address"]) == (
+        "1.2.3.4",
+        "MODALITY",
+        "::1",
+    )
+    assert new["original_name"] is None and Path(new["path"]).is_file()

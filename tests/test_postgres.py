@@ -122,6 +122,35 @@ def test_migrations_create_the_schema_on_a_fresh_database() -> None:
         _drop_database(name)
 
 
+def test_an_index_at_an_earlier_revision_is_upgraded_in_place() -> None:
+    from alembic import command
+
+    name, url = _create_database()
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            cfg = alembic_config(engine)
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0003")
+            conn.execute(
+                text(
+                    "INSERT INTO quarantine (path, reason, source, size_bytes, received_at) "
+                    "VALUES ('/q.dcm', 'empty', 'folder /in', 0, now())"
+                )
+            )
+        upgrade_schema(engine)
+        columns = {c["name"] for c in inspect(engine).get_columns("quarantine")}
+        assert {"original_name", "sop_instance_uid", "calling_ae", "peer_address"} <= columns
+        with engine.connect() as conn:
+            row = conn.execute(text("SELECT path, original_name FROM quarantine")).one()
+            version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
+        assert tuple(row) == ("/q.dcm", None)
+        assert version == _head(engine)
+    finally:
+        engine.dispose()
+        _drop_database(name)
+
+
 def test_read_only_commands_on_a_database_without_our_tables_fail(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -506,13 +506,52 @@ def test_malformed_input_is_stored_or_quarantined(
         assert record["reason"], "quarantined without a reason"
         assert reason_words in record["reason"]
         assert record["calling_ae"] == "RAWSCU"
-        assert record["reason"] in [q["reason"] for q in _quarantine_json(node)]
+        # The index names the input: the request's SOP Instance UID, the sender and address.
+        [row] = [q for q in _quarantine_json(node) if q["sop_instance_uid"] == sop_uid]
+        assert (row["calling_ae"], row["peer_address"]) == ("RAWSCU", "127.0.0.1")
+        assert row["original_name"] is None
+        assert row["reason"] == record["reason"]
+        assert row["path"].endswith(record["file"])
+        listed = node.cli("quarantine").stdout
+        assert f"  SOP Instance {sop_uid} from RAWSCU@127.0.0.1: {record['reason']}\n" in listed
     _assert_alive(node)
 
 
 def _quarantine_json(node: RunningNode) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = json.loads(node.cli("quarantine", "--json").stdout)
     return rows
+
+
+def test_quarantine_names_the_instance_storescu_sent(
+    shared_node: RunningNode, tmp_path: Path
+) -> None:
+    node = shared_node
+    [ds] = make_series(1, modality="CT")
+    del ds.SeriesInstanceUID  # cannot be indexed: quarantined, failure status
+    [sent] = write_series(tmp_path / "noseries", [ds])
+    result = storescu(node.port, [sent], calling_ae="QSENDER", check=False)
+    assert "Received Store Response (Error: CannotUnderstand)" in result.stdout + result.stderr
+    [row] = [q for q in _quarantine_json(node) if q["sop_instance_uid"] == ds.SOPInstanceUID]
+    assert row["calling_ae"] == "QSENDER" and row["peer_address"] == "127.0.0.1"
+    assert row["original_name"] is None
+    assert "SeriesInstanceUID" in row["reason"] or "Series Instance UID" in row["reason"]
+    assert Path(row["path"]).is_file()
+    assert row["size_bytes"] == Path(row["path"]).stat().st_size
+    assert set(row) == {
+        "id",
+        "received_at",
+        "reason",
+        "source",
+        "original_name",
+        "sop_instance_uid",
+        "calling_ae",
+        "peer_address",
+        "path",
+        "size_bytes",
+    }
+    text = node.cli("quarantine").stdout
+    assert f"  SOP Instance {ds.SOPInstanceUID} from QSENDER@127.0.0.1: {row['reason']}\n" in text
+    assert f"\n    {row['path']}\n" in text
 
 
 # --- allow-list and echo ----------------------------------------------------------------------
