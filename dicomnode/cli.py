@@ -453,13 +453,37 @@ def _studies(settings: Settings, as_json: bool) -> int:
             f"{st['study_date'] or '-'}  "
             f"{st['state']} (v{st['version']})  {st['instances']} instances"
         )
-        for se in st["series"]:
+        for se in sorted(st["series"], key=_series_order):
             print(
-                f"    {se['modality'] or '--':<4} #{se['series_number'] or '-':<4} "
+                f"    {se['modality'] or '--':<4} #{_text(se['series_number'], '-'):<4} "
                 f"{se['instances']:>5}  {se['series_description'] or ''}  "
-                f"[{se['series_instance_uid']}]"
+                f"[{se['series_instance_uid']}]  {_series_source(se['source'])}"
             )
     return EXIT["ok"]
+
+
+def _text(value: Any, empty: str) -> str:
+    return empty if value is None else str(value)
+
+
+def _series_order(series: dict[str, Any]) -> tuple[bool, int, str, str]:
+    """By series number (series without one last), then description, then UID."""
+    number = series["series_number"]
+    return (
+        number is None,
+        number or 0,
+        series["series_description"] or "",
+        series["series_instance_uid"],
+    )
+
+
+def _series_source(source: dict[str, Any]) -> str:
+    """Where a series came from, briefly: ``from CT1@10.0.0.5``, ``from folder /srv/in``."""
+    if source.get("result"):
+        return "result of a job"
+    if "folder" in source:
+        return f"from folder {source['folder']}"
+    return f"from {source.get('calling_ae') or '?'}@{source.get('peer_address') or '?'}"
 
 
 def _quarantine(settings: Settings, as_json: bool) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from alembic import command
 from alembic.script import ScriptDirectory
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import Engine, inspect, text
 
 from dicomnode.cli import EXIT, main
@@ -19,6 +19,7 @@ from dicomnode.errors import QuarantinedError
 from dicomnode.ingest import Ingestor, Source
 from storage.db import alembic_config, make_engine
 from storage.filestore import FileStore
+from tests.dicomgen import encoded, make_series, write_series
 
 # Every command that reads (or edits rows of) an existing index and must never create one.
 READ_ONLY = [
@@ -149,3 +150,48 @@ def test_an_index_of_an_earlier_release_is_upgraded_and_keeps_its_quarantine(
         "::1",
     )
     assert new["original_name"] is None and Path(new["path"]).is_file()
+
+
+def test_studies_lists_series_by_number_with_their_source(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    engine = _index_at(data, "head")
+    store = FileStore(data / "storage")
+    store.prepare()
+    ingestor = Ingestor(engine, store)
+    study = generate_uid()
+    ct = Source(kind="dicom", calling_ae="CT1", called_ae="DICOMNODE", peer_address="127.0.0.1")
+    drop = Source(kind="folder", folder=str(tmp_path / "in"))
+    # Arrival order: #10, then #2 from the folder, then #1 and one without a number.
+    arrivals = [
+        (make_series(1, study_uid=study, series_number=10, series_description="late"), ct),
+        (make_series(2, study_uid=study, series_number=2, series_description="dropped"), drop),
+        (make_series(1, study_uid=study, series_number=1, series_description="first"), ct),
+        (make_series(1, study_uid=study, series_description="unnumbered"), ct),
+    ]
+    del arrivals[3][0][0].SeriesNumber
+    for datasets, source in arrivals:
+        if source.kind == "folder":
+            for path in write_series(tmp_path / "in", datasets):
+                ingestor.ingest_file(path, source)
+            continue
+        for ds in datasets:
+            ingestor.ingest_network(
+                encoded(ds), ExplicitVRLittleEndian, ds.SOPClassUID, ds.SOPInstanceUID, source
+            )
+    engine.dispose()
+
+    assert main(["studies", "--data", str(data)]) == EXIT["ok"]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{study}  patient PAT001  20260101  receiving (v1)  5 instances")
+    series = [line.split() for line in lines[1:]]
+    assert [(s[1], s[2], s[3]) for s in series] == [
+        ("#1", "1", "first"),
+        ("#2", "2", "dropped"),
+        ("#10", "1", "late"),
+        ("#-", "1", "unnumbered"),
+    ]
+    sources = ["CT1@127.0.0.1", f"folder {tmp_path / 'in'}", "CT1@127.0.0.1", "CT1@127.0.0.1"]
+    for line, source in zip(lines[1:], sources, strict=True):
+        assert line.endswith(f"]  from {source}"), line
