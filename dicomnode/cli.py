@@ -12,16 +12,26 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, selectinload
 
-from dicomnode.errors import ConfigError, DicomNodeError
+from dicomnode.errors import ConfigError, DicomNodeError, IndexMissingError
 from dicomnode.settings import Settings, embedded_settings, load_settings
-from storage.db import make_engine, upgrade_schema
+from storage.db import index_location, make_engine, missing_index, upgrade_schema
 from storage.models import CompletionEvent, QuarantineRecord, Study
 
 __all__ = ["EXIT", "main"]
 
-EXIT = {"ok": 0, "failure": 1, "usage": 2, "config": 3, "unreachable": 4}
+# Exit codes, documented in README.md (Commands).
+EXIT = {
+    "ok": 0,
+    "failure": 1,
+    "usage": 2,
+    "config": 3,
+    "unreachable": 4,
+    "rejected": 5,
+    "no_index": 6,
+}
 DEFAULT_CONFIG = Path("/etc/dicomnode/dicomnode.yaml")
 
 logger = logging.getLogger("dicomnode")
@@ -89,6 +99,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_source(p)
     p.add_argument("target", help="a name from the nodes registry, or HOST:PORT")
     p.add_argument("--ae", help="called AE title for HOST:PORT (default ANY-SCP)")
+    p.add_argument(
+        "--calling-ae",
+        metavar="TITLE",
+        help="our (calling) AE title (default node.ae_title; a node with an allow-list refuses "
+        "its own title unless listed)",
+    )
     p.add_argument("--timeout", type=float, default=10.0, help="seconds")
 
     p = sub.add_parser("route", help="routing rules")
@@ -137,6 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dicomnode: {exc}", file=sys.stderr)
         return EXIT["config"]
+    except IndexMissingError as exc:
+        print(f"dicomnode: {exc}", file=sys.stderr)
+        return EXIT["no_index"]
     except DicomNodeError as exc:
         print(f"dicomnode: {exc}", file=sys.stderr)
         return EXIT["failure"]
@@ -160,7 +179,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "quarantine":
         return _quarantine(settings, args.json)
     if args.command == "echo":
-        return _echo(settings, args.target, args.ae, args.timeout)
+        calling = args.calling_ae or settings.node.ae_title
+        return _echo(settings, args.target, args.ae, calling, args.timeout)
     if args.command == "route":
         return _route_test(settings, args)
     if args.command in ("jobs", "deliveries", "routing"):
@@ -327,7 +347,26 @@ def _serve(settings: Settings) -> int:
 
 
 def _open_index(settings: Settings) -> Any:
-    engine = make_engine(settings.database.url)
+    """The engine of an index that exists (brought to the newest schema). Commands other than
+    ``serve``, ``worker`` and ``db upgrade`` never create one: a mistyped --data or --config
+    must not look like an empty node."""
+    url = settings.database.url
+    where = index_location(url)
+    try:
+        missing = missing_index(url)
+    except SQLAlchemyError as exc:
+        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise DicomNodeError(
+            f"cannot open the index database {where}: {first} "
+            "(is the database server running, and database.url right?)"
+        ) from exc
+    if missing is not None:
+        raise IndexMissingError(
+            f"no dicomnode index at {where}{': ' + missing if missing else ''} "
+            "(is --data/--config right? the node creates it on first start, "
+            "or run 'dicomnode db upgrade')"
+        )
+    engine = make_engine(url)
     upgrade_schema(engine)
     return engine
 
@@ -414,13 +453,37 @@ def _studies(settings: Settings, as_json: bool) -> int:
             f"{st['study_date'] or '-'}  "
             f"{st['state']} (v{st['version']})  {st['instances']} instances"
         )
-        for se in st["series"]:
+        for se in sorted(st["series"], key=_series_order):
             print(
-                f"    {se['modality'] or '--':<4} #{se['series_number'] or '-':<4} "
+                f"    {se['modality'] or '--':<4} #{_text(se['series_number'], '-'):<4} "
                 f"{se['instances']:>5}  {se['series_description'] or ''}  "
-                f"[{se['series_instance_uid']}]"
+                f"[{se['series_instance_uid']}]  {_series_source(se['source'])}"
             )
     return EXIT["ok"]
+
+
+def _text(value: Any, empty: str) -> str:
+    return empty if value is None else str(value)
+
+
+def _series_order(series: dict[str, Any]) -> tuple[bool, int, str, str]:
+    """By series number (series without one last), then description, then UID."""
+    number = series["series_number"]
+    return (
+        number is None,
+        number or 0,
+        series["series_description"] or "",
+        series["series_instance_uid"],
+    )
+
+
+def _series_source(source: dict[str, Any]) -> str:
+    """Where a series came from, briefly: ``from CT1@10.0.0.5``, ``from folder /srv/in``."""
+    if source.get("result"):
+        return "result of a job"
+    if "folder" in source:
+        return f"from folder {source['folder']}"
+    return f"from {source.get('calling_ae') or '?'}@{source.get('peer_address') or '?'}"
 
 
 def _quarantine(settings: Settings, as_json: bool) -> int:
@@ -429,11 +492,16 @@ def _quarantine(settings: Settings, as_json: bool) -> int:
         records = session.scalars(select(QuarantineRecord).order_by(QuarantineRecord.id)).all()
         rows = [
             {
-                "path": r.path,
+                "id": r.id,
+                "received_at": r.received_at.isoformat() + "Z",
                 "reason": r.reason,
                 "source": r.source,
+                "original_name": r.original_name,
+                "sop_instance_uid": r.sop_instance_uid,
+                "calling_ae": r.calling_ae,
+                "peer_address": r.peer_address,
+                "path": r.path,
                 "size_bytes": r.size_bytes,
-                "received_at": r.received_at.isoformat() + "Z",
             }
             for r in records
         ]
@@ -443,14 +511,32 @@ def _quarantine(settings: Settings, as_json: bool) -> int:
         print("quarantine is empty")
     else:
         for r in rows:
-            print(f"{r['received_at']}  {r['source']}  {r['reason']}\n    {r['path']}")
+            print(f"{r['received_at']}  {_quarantined_input(r)}: {r['reason']}\n    {r['path']}")
     return EXIT["ok"]
 
 
-def _echo(settings: Settings, target: str, ae: str | None, timeout: float) -> int:
+def _quarantined_input(row: dict[str, Any]) -> str:
+    """Which input a quarantine record is, briefly: the file (relative to its watched folder)
+    or the SOP Instance UID and sender of a C-STORE."""
+    if row["original_name"]:
+        original = Path(row["original_name"])
+        if not row["source"].startswith("folder "):
+            return str(original)
+        folder = row["source"].removeprefix("folder ")
+        name = original.relative_to(folder) if original.is_relative_to(folder) else original
+        return f"{name} (folder {folder})"
+    if row["sop_instance_uid"] or row["calling_ae"]:
+        sender = f"{row['calling_ae'] or '?'}@{row['peer_address'] or '?'}"
+        return f"SOP Instance {row['sop_instance_uid'] or '(none)'} from {sender}"
+    return str(row["source"])  # recorded before the index kept these details
+
+
+def _echo(settings: Settings, target: str, ae: str | None, calling_ae: str, timeout: float) -> int:
+    """C-ECHO ``target`` as ``calling_ae``: exit 0 on success, 4 when the peer cannot be
+    reached, 5 when it refuses the association, 1 on a failure status."""
     from pynetdicom import AE
 
-    from dicomnode.deliver import describe_failure, tls_args
+    from dicomnode.deliver import describe_failure, rejection, tls_args
     from dicomnode.settings import RemoteNode
 
     if target in settings.nodes:
@@ -471,14 +557,24 @@ def _echo(settings: Settings, target: str, ae: str | None, timeout: float) -> in
         except ValueError as exc:  # pydantic's ValidationError: a bad port or AE title
             print(f"dicomnode: {target!r}: {exc}", file=sys.stderr)
             return EXIT["usage"]
-    client = AE(ae_title=settings.node.ae_title)
+    try:
+        client = AE(ae_title=calling_ae)
+    except ValueError as exc:  # pynetdicom checks the title: length, characters
+        print(f"dicomnode: --calling-ae {calling_ae!r}: {exc}", file=sys.stderr)
+        return EXIT["usage"]
     client.add_requested_context("1.2.840.10008.1.1")
     client.acse_timeout = client.network_timeout = client.dimse_timeout = timeout
     client.connection_timeout = timeout  # also bounds a TLS handshake
     assoc = client.associate(host, port, ae_title=called, tls_args=tls_args(remote))
     if not assoc.is_established:
-        why = describe_failure(remote, assoc, settings.node.ae_title, timeout)
-        print(f"C-ECHO {called}@{host}:{port}: association failed: {why}", file=sys.stderr)
+        why = describe_failure(remote, assoc, calling_ae, timeout)
+        refused = rejection(assoc)
+        if refused is not None:
+            if refused[1:] == (1, 3):  # calling AE title not recognised
+                why += " (or echo as a title it accepts: --calling-ae TITLE)"
+            print(f"C-ECHO as {calling_ae}: {why}", file=sys.stderr)
+            return EXIT["rejected"]
+        print(f"C-ECHO as {calling_ae}: unreachable: {why}", file=sys.stderr)
         return EXIT["unreachable"]
     status = assoc.send_c_echo()
     assoc.release()

@@ -33,6 +33,7 @@ __all__ = [
     "Outgoing",
     "describe_failure",
     "is_delivered_status",
+    "rejection",
     "send_instances",
     "tls_args",
 ]
@@ -77,23 +78,98 @@ def tls_args(remote: RemoteNode) -> tuple[ssl.SSLContext, str] | None:
         raise DeliveryError(f"{_where(remote)}: {exc}") from exc
 
 
+# The probe connection that names a connection failure waits at most this long (seconds).
+_PROBE_SECONDS = 5.0
+
+# (result source, diagnostic) of an A-ASSOCIATE-RJ (PS3.8 9.3.4) -> what to do about it.
+_REJECTION_HINTS = {
+    (1, 1): "it gave no reason; its log may say why (allowed callers, called AE title)",
+    (1, 2): "it does not support the DICOM application context",
+    (1, 3): "it does not accept our calling AE title {calling}: add {calling} to its allowed "
+    "callers",
+    (1, 7): "it does not answer to the called AE title {called}: use the AE title it is "
+    "configured with",
+    (2, 1): "it gave no reason; its log may say why",
+    (2, 2): "it does not support our protocol version",
+    (3, 1): "it is busy: try again later",
+    (3, 2): "it has too many associations open: try again later",
+}
+
+
+def rejection(assoc: Any) -> tuple[int, int, int] | None:
+    """(result, source, diagnostic) of the A-ASSOCIATE-RJ that refused ``assoc``; None when
+    it was not rejected."""
+    rsp = getattr(assoc.acceptor, "primitive", None) if assoc.is_rejected else None
+    if rsp is None:
+        return None
+    return int(rsp.result), int(rsp.result_source), int(rsp.diagnostic)
+
+
 def describe_failure(remote: RemoteNode, assoc: Any, calling_ae: str, timeout: float) -> str:
     """Why no association with ``remote`` was established, with what to check.
 
-    Over TLS the handshake is tried once more on its own to name what went wrong (pynetdicom
-    only logs it): an untrusted certificate, a wrong host name, a refused client certificate.
+    A rejection is described from the peer's A-ASSOCIATE-RJ (result, source, reason). Anything
+    else is told apart by connecting once more on its own (pynetdicom only logs why it could
+    not): connection refused, timed out, host unknown, or over TLS the handshake's failure
+    (an untrusted certificate, a wrong host name, a refused client certificate).
     """
     where = _where(remote)
     if assoc.is_rejected:
-        return f"{where} rejected the association (check that it knows our AE title {calling_ae})"
-    problem = _tls_problem(remote, timeout) if remote.tls else None
+        return f"{where} refused the association: {_rejection_text(remote, assoc, calling_ae)}"
+    problem = _tls_problem(remote, timeout) if remote.tls else _tcp_problem(remote, timeout)
     if problem is not None:
         return f"{where}: {problem}"
-    return f"{where} did not answer (check host, port and that it knows our AE title {calling_ae})"
+    return (
+        f"{where} accepted the connection but not the association request: it closed the "
+        f"connection or sent no answer within {timeout:g} s (is a DICOM node listening on that "
+        f"port{'' if remote.tls else ', or does it expect TLS'}?)"
+    )
+
+
+def _rejection_text(remote: RemoteNode, assoc: Any, calling_ae: str) -> str:
+    rsp = assoc.acceptor.primitive
+    found = rejection(assoc)
+    if found is None:
+        return "no A-ASSOCIATE-RJ details"
+    result, source, diagnostic = found
+    hint = _REJECTION_HINTS.get((source, diagnostic), "its log may say why")
+    if result == 2 and "try again" not in hint:
+        hint += "; the rejection is transient: try again later"
+    return f"{rsp.reason_str} ({rsp.result_str}, from the {rsp.source_str}); " + hint.format(
+        calling=calling_ae, called=remote.ae_title
+    )
 
 
 def _where(remote: RemoteNode) -> str:
     return f"{remote.ae_title}@{remote.host}:{remote.port}{' (TLS)' if remote.tls else ''}"
+
+
+def _connect_problem(exc: OSError, remote: RemoteNode, timeout: float) -> str:
+    """What a failed TCP connect to ``remote`` means, with what to check."""
+    if isinstance(exc, ConnectionRefusedError):
+        return (
+            f"connection refused: nothing listens on port {remote.port} of {remote.host} "
+            "(check host and port, and that the peer is running)"
+        )
+    if isinstance(exc, TimeoutError):
+        return (
+            f"connection timed out: no answer from {remote.host}:{remote.port} within "
+            f"{timeout:g} s (check host, port and firewalls on the way)"
+        )
+    if isinstance(exc, socket.gaierror):
+        return f"host {remote.host!r} is unknown ({exc.strerror or exc}; check host)"
+    return f"cannot connect: {exc.strerror or exc} (check host and port)"
+
+
+def _tcp_problem(remote: RemoteNode, timeout: float) -> str | None:
+    """What fails when a TCP connection to ``remote`` is opened; None if nothing does."""
+    try:
+        with socket.create_connection(
+            (remote.host, remote.port), timeout=min(timeout, _PROBE_SECONDS)
+        ):
+            return None
+    except OSError as exc:
+        return _connect_problem(exc, remote, timeout)
 
 
 def _tls_problem(remote: RemoteNode, timeout: float) -> str | None:
@@ -121,7 +197,7 @@ def _tls_problem(remote: RemoteNode, timeout: float) -> str | None:
             "does it require or refuse our client certificate, tls_cert?)"
         )
     except OSError as exc:
-        return f"did not answer ({exc.strerror or exc}; check host and port)"
+        return _connect_problem(exc, remote, timeout)
     return None
 
 

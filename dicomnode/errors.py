@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "DicomNodeError",
+    "IndexMissingError",
     "IngestError",
     "QuarantinedError",
     "StorageError",
@@ -33,6 +34,11 @@ class ConfigError(DicomNodeError):
 
 class StorageError(DicomNodeError):
     """The file store or the index could not keep an instance (disk, database)."""
+
+
+class IndexMissingError(StorageError):
+    """There is no dicomnode index where the configuration points (a command that only reads
+    the index never creates one)."""
 
 
 class IngestError(DicomNodeError):

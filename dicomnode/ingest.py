@@ -589,7 +589,9 @@ class Ingestor:
         except Exception as exc:  # any parse failure means the data is unusable as sent
             meta = file_meta_bytes(sop_class_uid, sop_instance_uid, transfer_syntax, "")
             reason = f"cannot index dataset: {_describe(exc)}"
-            error = self._quarantine((meta, dataset), reason, source)
+            error = self._quarantine(
+                (meta, dataset), reason, source, sop_instance_uid=sop_instance_uid
+            )
             if isinstance(exc, _Mismatch):
                 error.kind = "mismatch"
             raise error from exc
@@ -612,7 +614,7 @@ class Ingestor:
         except Exception as exc:
             reason = f"not a readable DICOM instance: {_describe(exc)}"
             raise self._quarantine((data,), reason, source, original=str(path)) from exc
-        return self._store(header, transfer_syntax, (data,), source)
+        return self._store(header, transfer_syntax, (data,), source, original=str(path))
 
     def quarantine_file(
         self, path: Path, reason: str, source: Source, data: bytes | None = None
@@ -656,14 +658,19 @@ class Ingestor:
         reason: str,
         source: Source,
         original: str | None = None,
+        sop_instance_uid: str | None = None,
     ) -> QuarantinedError:
+        """Keep rejected input with its reason; ``original`` is the file's path (watched
+        folder), ``sop_instance_uid`` the C-STORE request's (network)."""
         now = utcnow()
+        uid = sop_instance_uid[:64] if sop_instance_uid else None  # from the wire: bounded
         meta = {
             "received_at": now.isoformat(),
             "source": source.describe(),
             "calling_ae": source.calling_ae,
             "peer_address": source.peer_address,
             "original_name": original,
+            "sop_instance_uid": uid,
         }
         target = self.store.quarantine(chunks, reason, meta)
         try:
@@ -675,6 +682,10 @@ class Ingestor:
                         source=source.describe(),
                         size_bytes=target.stat().st_size,
                         received_at=now,
+                        original_name=original,
+                        sop_instance_uid=uid,
+                        calling_ae=source.calling_ae,
+                        peer_address=source.peer_address,
                     )
                 )
         except SQLAlchemyError:
@@ -688,7 +699,9 @@ class Ingestor:
         transfer_syntax: str,
         chunks: tuple[bytes | memoryview, ...],
         source: Source,
+        original: str | None = None,
     ) -> IngestResult:
+        """Store and index one instance; ``original`` is the dropped file's path, if any."""
         relative = self.store.relative_path(header.study_uid, header.series_uid, header.sop_uid)
         try:
             # An indexed instance always has its file, so where there is none (the usual
@@ -696,8 +709,8 @@ class Ingestor:
             if self.store.exists(relative):
                 indexed = self._indexed(header.sop_uid)
                 if indexed is not None:
-                    return self._resent(header, transfer_syntax, chunks, source, indexed)
-            self._check_patient(header, chunks, source)
+                    return self._resent(header, transfer_syntax, chunks, source, indexed, original)
+            self._check_patient(header, chunks, source, original)
             size = self.store.put(relative, chunks)
             try:
                 self._index(header, transfer_syntax, relative, size, source)
@@ -710,10 +723,12 @@ class Ingestor:
                     raise
                 if indexed.path != relative:
                     self.store.absolute(relative).unlink(missing_ok=True)
-                return self._resent(header, transfer_syntax, chunks, source, indexed)
+                return self._resent(header, transfer_syntax, chunks, source, indexed, original)
             except _PatientConflict as exc:
                 self.store.absolute(relative).unlink(missing_ok=True)
-                raise self._conflict(chunks, str(exc), source, "other_patient") from None
+                raise self._conflict(
+                    chunks, str(exc), source, header, original, "other_patient"
+                ) from None
         except (OSError, SQLAlchemyError) as exc:
             raise StorageError(f"could not keep {header.sop_uid}: {_describe(exc)}") from exc
         return IngestResult(
@@ -732,6 +747,7 @@ class Ingestor:
         chunks: tuple[bytes | memoryview, ...],
         source: Source,
         indexed: Any,
+        original: str | None,
     ) -> IngestResult:
         """An indexed SOP Instance UID came again: counted as a duplicate when it is the same
         instance, quarantined as a conflict when it is other content (see dicomnode.resend)."""
@@ -755,7 +771,7 @@ class Ingestor:
                 f"SOP Instance UID {header.sop_uid} is stored already with other content: "
                 f"{why}{f' ({differs})' if differs else ''}; the copy stored first is kept"
             )
-            raise self._conflict(chunks, reason, source)
+            raise self._conflict(chunks, reason, source, header, original)
         with self.engine.connect() as conn, self._writer:
             conn.execute(_COUNT_INSTANCE_DUPLICATE, {"b_pk": indexed.id})
             conn.execute(_COUNT_STUDY_DUPLICATE, {"b_pk": indexed.study_pk})
@@ -770,14 +786,20 @@ class Ingestor:
         chunks: tuple[bytes | memoryview, ...],
         reason: str,
         source: Source,
+        header: _Header,
+        original: str | None,
         kind: str = "conflict",
     ) -> QuarantinedError:
-        error = self._quarantine(chunks, reason, source)
+        error = self._quarantine(chunks, reason, source, original, header.sop_uid)
         error.kind = kind
         return error
 
     def _check_patient(
-        self, header: _Header, chunks: tuple[bytes | memoryview, ...], source: Source
+        self,
+        header: _Header,
+        chunks: tuple[bytes | memoryview, ...],
+        source: Source,
+        original: str | None,
     ) -> None:
         """Refuse an instance of a known study that names another patient (the index keeps
         one patient per study; merging two would send results to the wrong one)."""
@@ -785,7 +807,7 @@ class Ingestor:
         if known is not None:
             why = _patient_conflict(known[2], header)
             if why is not None:
-                raise self._conflict(chunks, why, source, "other_patient")
+                raise self._conflict(chunks, why, source, header, original, "other_patient")
 
     def _index_known(
         self, header: _Header, instance: dict[str, Any], size: int, now: datetime

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import ipaddress
 import logging
 import os
 import signal
@@ -18,13 +19,13 @@ from sqlalchemy import Engine
 from dicomnode.completion import CompletionMonitor
 from dicomnode.ingest import Ingestor
 from dicomnode.scp import AssociationLoad, StoreSCP, listening_socket
-from dicomnode.settings import Settings
+from dicomnode.settings import NodeSettings, Settings
 from dicomnode.watch import FolderWatcher
 from runners.dispatch import Dispatcher
 from storage.db import make_engine, upgrade_schema
 from storage.filestore import FileStore
 
-__all__ = ["Node", "sd_notify", "wait_interruptibly"]
+__all__ = ["Node", "open_to_any_caller", "sd_notify", "wait_interruptibly"]
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +128,9 @@ class Node:
             s.storage.root,
             _redact(s.database.url),
         )
+        open_warning = open_to_any_caller(s.node)
+        if open_warning is not None:
+            logger.warning("%s", open_warning)
         sd_notify("READY=1\nSTATUS=receiving")
 
     def _fork_server(
@@ -219,6 +223,28 @@ class Node:
             self.engine.dispose()
         logger.info("dicomnode stopped")
         self._stopped.set()
+
+
+def open_to_any_caller(node: NodeSettings) -> str | None:
+    """The warning for a listener any host can reach that admits any calling AE title; None
+    when ``allowed_calling_aes`` restricts callers or only this host can connect (loopback)."""
+    if node.allowed_calling_aes:
+        return None
+    host = node.host.strip("[]")
+    if host == "localhost":
+        return None
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:  # a host name: whoever reaches the address it resolves to
+        where = host
+    else:
+        if address.is_loopback:
+            return None
+        where = "all interfaces" if address.is_unspecified else host
+    return (
+        f"accepting associations from any calling AE on {where}; "
+        "set node.allowed_calling_aes to restrict"
+    )
 
 
 def _redact(url: str) -> str:

@@ -9,7 +9,8 @@ import ipaddress
 import re
 import ssl
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -41,6 +42,7 @@ __all__ = [
     "StorageSettings",
     "WatchFolder",
     "embedded_settings",
+    "field_path",
     "load_settings",
 ]
 
@@ -172,7 +174,11 @@ class CompletionSettings(_Model):
     @model_validator(mode="after")
     def _v_order(self) -> CompletionSettings:
         if self.force_seconds < self.settle_seconds:
-            raise ValueError("force_seconds must not be shorter than settle_seconds")
+            raise ValueError(
+                f"force_seconds ({_number(self.force_seconds)}) must not be shorter than "
+                f"settle_seconds ({_number(self.settle_seconds)}): raise force_seconds or "
+                "lower settle_seconds"
+            )
         return self
 
 
@@ -333,14 +339,144 @@ def embedded_settings(data_dir: Path, port: int = 11112) -> Settings:
 
 # --- loading with line numbers -------------------------------------------------------------
 
+_MAPPING = "use a mapping: 'key: value' lines indented below it, or {{key: value}}"
+# pydantic error type -> what to write instead, formatted with the error's context and
+# {range}, the field's allowed range (if any).
 _HINTS = {
-    "extra_forbidden": "remove it or check its spelling",
     "missing": "add this field",
-    "int_parsing": "use a whole number",
-    "float_parsing": "use a number",
+    "int_parsing": "use a whole number{range}",
+    "int_type": "use a whole number{range}",
+    "int_from_float": "use a whole number{range}, without a fractional part",
+    "float_parsing": "use a number{range}",
+    "float_type": "use a number{range}",
     "bool_parsing": "use true or false",
-    "literal_error": "use one of the listed values",
+    "bool_type": "use true or false",
+    "string_type": "use text; put it in quotes if YAML reads it as a number, true/false or a date",
+    "list_type": "use a list: one '- item' line per entry, or [a, b]",
+    "dict_type": _MAPPING,
+    "model_type": _MAPPING,
+    "model_attributes_type": _MAPPING,
+    "path_type": "use a file or folder path",
+    "literal_error": "use one of these, exactly as written: case matters",
+    "enum": "use one of these, exactly as written: case matters",
+    "string_pattern_mismatch": "use a value that matches the regular expression {pattern}",
+    "string_too_short": "use at least {min_length} character(s)",
+    "string_too_long": "use at most {max_length} character(s)",
+    "too_short": "use a list of at least {min_length} item(s)",
+    "too_long": "use a list of at most {max_length} item(s)",
 }
+_BOUND_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+# Our own validators (value_error) say what to do in their message.
+_SELF_EXPLAINED = ("value_error", "assertion_error")
+_FALLBACK_HINT = "see the documented example config/dicomnode.yaml for what this field takes"
+
+
+def _unwrap(tp: Any) -> Any:
+    """``X`` of ``X | None`` and ``Annotated[X, ...]``; anything else as it is."""
+    origin = get_origin(tp)
+    if origin is Annotated:
+        return _unwrap(get_args(tp)[0])
+    if origin in (Union, UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return _unwrap(args[0])
+    return tp
+
+
+def _constraints(tp: Any) -> list[Any]:
+    """The annotated-types constraints of ``Annotated[X, ...]`` (e.g. list items)."""
+    if get_origin(tp) is Annotated:
+        return [m for arg in get_args(tp)[1:] for m in getattr(arg, "metadata", [arg])]
+    return []
+
+
+def _field_at(loc: tuple[Any, ...]) -> tuple[Any, list[Any], tuple[Any, ...]]:
+    """Follow ``loc`` (a pydantic error's location) through Settings: the type found there (a
+    model class, ``int``, ...; None where it cannot be followed), its constraints, and the
+    location without pydantic's union member tags (``study.dict[str,any]`` is ``study``)."""
+    tp: Any = Settings
+    metadata: list[Any] = []
+    clean: list[Any] = []
+    for part in loc:
+        if tp is None:
+            clean.append(part)
+            continue
+        tp = _unwrap(tp)
+        origin = get_origin(tp)
+        if origin in (Union, UnionType):  # several kinds of value: ``part`` names one
+            tp, metadata = None, []
+            continue
+        clean.append(part)
+        if isinstance(part, str) and isinstance(tp, type) and issubclass(tp, BaseModel):
+            info = tp.model_fields.get(part)
+            tp, metadata = (info.annotation, list(info.metadata)) if info else (None, [])
+        elif isinstance(part, int) and origin in (list, tuple, set, frozenset):
+            args = get_args(tp)
+            tp, metadata = (args[0] if args else None), []
+        elif origin is dict:
+            args = get_args(tp)
+            tp, metadata = (args[1] if len(args) == 2 else None), []
+        else:
+            tp, metadata = None, []
+    return _unwrap(tp), metadata + _constraints(tp), tuple(clean)
+
+
+def _number(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _range_text(metadata: list[Any], ctx: dict[str, Any]) -> str:
+    """' from 0 to 65535', ' greater than 0', ... for a field's bounds ('' if it has none);
+    the bound an error names (its ctx) wins over the field's."""
+    bounds: dict[str, Any] = {}
+    for item in metadata:
+        for key in ("ge", "gt", "le", "lt"):
+            if getattr(item, key, None) is not None:
+                bounds[key] = getattr(item, key)
+    bounds.update({k: v for k, v in ctx.items() if k in ("ge", "gt", "le", "lt")})
+    if "ge" in bounds and "le" in bounds:
+        return f" from {_number(bounds['ge'])} to {_number(bounds['le'])}"
+    words = {"ge": "at least", "gt": "greater than", "le": "at most", "lt": "less than"}
+    parts = [f"{words[k]} {_number(bounds[k])}" for k in ("ge", "gt", "le", "lt") if k in bounds]
+    return " " + " and ".join(parts) if parts else ""
+
+
+def _hint(err: Any, loc: tuple[Any, ...]) -> str:
+    """What to do about one pydantic error at ``loc`` of Settings ("" for our own validators,
+    whose messages say it)."""
+    kind = err["type"]
+    ctx: dict[str, Any] = dict(err.get("ctx") or {})
+    if kind in _SELF_EXPLAINED:
+        return ""
+    tp, metadata, _ = _field_at(loc)
+    if kind in _BOUND_ERRORS:
+        what = "a whole number" if tp is int else "a value"
+        return f"use {what}{_range_text(metadata, ctx)}"
+    if kind == "extra_forbidden":
+        parent, _, _ = _field_at(loc[:-1])
+        if isinstance(parent, type) and issubclass(parent, BaseModel):
+            known = [k for k, f in parent.model_fields.items() if not f.exclude]
+            return f"remove it or check its spelling; allowed here: {', '.join(known)}"
+        return "remove it or check its spelling"
+    template = _HINTS.get(kind)
+    if template is None:
+        return _FALLBACK_HINT
+    try:
+        return template.format(range=_range_text(metadata, ctx), **ctx)
+    except (KeyError, IndexError):
+        return _FALLBACK_HINT
+
+
+def field_path(loc: tuple[Any, ...]) -> str:
+    """A field's path as it reads in messages: ``node.allowed_calling_aes[1].host`` (list
+    entries counted from 0)."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
 
 
 def _line_index(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], int]) -> None:
@@ -430,16 +566,21 @@ def _problems(
     path: Path,
     lines: dict[tuple[Any, ...], int],
     prefix: tuple[Any, ...] = (),
+    within: tuple[Any, ...] = (),
 ) -> list[str]:
-    problems = []
+    """One ``file:line: field: problem (fix)`` line per error; ``prefix`` is where the
+    validated data lies in the file, ``within`` where its model lies in Settings (a rule of a
+    rules_dir file is validated alone: ``("rules", 0)``)."""
+    problems: list[tuple[int, str]] = []
     for err in exc.errors():
-        loc = (*prefix, *err["loc"])
-        field = ".".join(str(p) for p in loc) or "(top level)"
-        hint = _HINTS.get(err["type"], "")
+        full = (*within, *err["loc"])
+        loc = (*prefix, *_field_at(full)[2][len(within) :])
+        hint = _hint(err, full)
         msg = err["msg"].removeprefix("Value error, ")
-        problem = f"{path}:{_line_for(loc, lines)}: {field}: {msg}"
-        problems.append(f"{problem} ({hint})" if hint else problem)
-    return problems
+        line = _line_for(loc, lines)
+        problem = f"{path}:{line}: {field_path(loc)}: {msg}"
+        problems.append((line, f"{problem} ({hint})" if hint else problem))
+    return [text for _, text in sorted(problems, key=lambda p: p[0])]
 
 
 def _load_rules_dir(folder: Path) -> tuple[list[Rule], list[tuple[Path, int]], list[str]]:
@@ -465,7 +606,7 @@ def _load_rules_dir(folder: Path) -> tuple[list[Rule], list[tuple[Path, int]], l
                 rules.append(Rule.model_validate(item))
                 origins.append((path, _line_for((*prefix, i), lines)))
             except ValidationError as exc:
-                problems.extend(_problems(exc, path, lines, (*prefix, i)))
+                problems.extend(_problems(exc, path, lines, (*prefix, i), ("rules", i)))
     return rules, origins, problems
 
 

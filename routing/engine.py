@@ -110,8 +110,8 @@ class Router:
                 explanation,
             )
             uid = study.study_instance_uid
-        log = logger.warning if outcome == "unmatched" else logger.info
-        log("study %s v%d %s: %s", uid, version, outcome, explanation.replace("\n", "; "))
+        # Unmatched is a normal, recorded outcome (``dicomnode routing``), not a problem.
+        logger.info("study %s v%d %s: %s", uid, version, outcome, explanation.replace("\n", "; "))
         return result
 
     def _job(self, study: Study, version: int, decision: Decision, now: datetime) -> Job:

@@ -10,13 +10,24 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Engine, create_engine, event, inspect, make_url
+from sqlalchemy.pool import NullPool
 
-__all__ = ["alembic_config", "make_engine", "sqlite_pragmas", "upgrade_schema", "utcnow"]
+__all__ = [
+    "alembic_config",
+    "index_location",
+    "make_engine",
+    "missing_index",
+    "sqlite_pragmas",
+    "upgrade_schema",
+    "utcnow",
+]
 
 logger = logging.getLogger(__name__)
 
 _MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+# Tables every index has from its first migration on (and Alembic's revision table).
+_INDEX_TABLES = frozenset({"alembic_version", "studies"})
 
 
 def utcnow() -> datetime:
@@ -64,3 +75,47 @@ def upgrade_schema(engine: Engine) -> None:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
     logger.debug("index schema at head: %s", sorted(inspect(engine).get_table_names()))
+
+
+def index_location(url: str) -> str:
+    """Where the index of ``url`` lies, for messages: the SQLite file, or the URL without its
+    password."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return parsed.database or ":memory:"
+    return parsed.render_as_string(hide_password=True)
+
+
+def missing_index(url: str) -> str | None:
+    """None when ``url`` holds a dicomnode index; otherwise why not ("" when there is nothing
+    at all). Creates nothing: no folder, no SQLite file, no table.
+
+    Raises SQLAlchemyError when a database server cannot be reached or refuses us.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        path = parsed.database
+        if not path or path == ":memory:":
+            return "an in-memory SQLite database holds nothing outside the node"
+        if not Path(path).exists():
+            return ""
+        if not Path(path).is_file():
+            return "it is not a file"
+        try:
+            # Read-only, so that a file that is not ours is left exactly as it is.
+            conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
+            try:
+                tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+            finally:
+                conn.close()
+        except sqlite3.DatabaseError as exc:
+            return f"it is not an SQLite database ({exc})"
+    else:
+        engine = create_engine(url, poolclass=NullPool)
+        try:
+            tables = set(inspect(engine).get_table_names())
+        finally:
+            engine.dispose()
+    if not _INDEX_TABLES.issubset(tables):
+        return "it has no dicomnode tables" if tables else "it is an empty database"
+    return None

@@ -158,16 +158,23 @@ class CompletionEvent(Base):
 
 
 class QuarantineRecord(Base):
-    """Input that was not stored, kept in the quarantine folder with its reason."""
+    """Input that was not stored, kept in the quarantine folder with its reason, and which
+    input it was: the file's original path (watched folder), or the SOP Instance UID of the
+    C-STORE request with the calling AE title and peer address (network)."""
 
     __tablename__ = "quarantine"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # Where the quarantined copy lies.
     path: Mapped[str] = mapped_column(Text)
     reason: Mapped[str] = mapped_column(Text)
     source: Mapped[str] = mapped_column(Text)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     received_at: Mapped[datetime] = mapped_column(DateTime)
+    original_name: Mapped[str | None] = mapped_column(Text)
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    peer_address: Mapped[str | None] = mapped_column(String(64))
 
 
 class JobState:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -70,7 +71,7 @@ def test_bad_database_url_and_allowed_host_are_explained(tmp_path: Path) -> None
         load_settings(path)
     text = str(info.value)
     assert f"{path}:1: database.url:" in text and "postgresql://" in text
-    assert f"{path}:4: node.allowed_calling_aes.0.host:" in text
+    assert f"{path}:4: node.allowed_calling_aes[0].host:" in text
 
 
 def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
@@ -139,3 +140,85 @@ def test_readme_models_example_is_a_valid_configuration(tmp_path: Path) -> None:
         "Liver",
         "Neoplasm",
     ]
+
+
+def test_range_and_type_errors_say_what_to_write_instead(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write(
+        tmp_path,
+        "node:\n"
+        "  ae_title: 104\n"  # YAML reads a number
+        "  port: 70000\n"
+        "  max_associations: 0\n"
+        "  network_timeout: 0\n"
+        "  processes: two\n"
+        "storage: {root: /srv/dicom, fsync: maybe}\n"
+        "logging: {level: LOUD}\n"
+        "broker: {namespace: 'a b'}\n"
+        "watch: {path: /srv/drop}\n"
+        "completion: 5\n"
+        "nodes: {PACS: {ae_title: PACS, host: h, port: 104.5}}\n"
+        "delivery: {retries: 3}\n"
+        "models:\n"
+        "  m: {kind: onnx, path: m.onnx, inputs: [], structures: [{label: 1, name: A}]}\n",
+    )
+    assert main(["config", "check", str(path)]) == EXIT["config"]
+    problems = [line.strip() for line in capsys.readouterr().err.splitlines()[1:]]
+    expected = [
+        "2: node.ae_title: Input should be a valid string (use text; put it in quotes if YAML "
+        "reads it as a number, true/false or a date)",
+        "3: node.port: Input should be less than or equal to 65535 "
+        "(use a whole number from 0 to 65535)",
+        "4: node.max_associations: Input should be greater than or equal to 1 "
+        "(use a whole number from 1 to 1024)",
+        "5: node.network_timeout: Input should be greater than 0 (use a value greater than 0)",
+        "6: node.processes: Input should be a valid integer, unable to parse string as an "
+        "integer (use a whole number from 1 to 64)",
+        "7: storage.fsync: Input should be a valid boolean, unable to interpret input "
+        "(use true or false)",
+        "8: logging.level: Input should be 'DEBUG', 'INFO', 'WARNING' or 'ERROR' "
+        "(use one of these, exactly as written: case matters)",
+        "9: broker.namespace: String should match pattern '^[A-Za-z0-9_.-]{1,64}$' "
+        "(use a value that matches the regular expression ^[A-Za-z0-9_.-]{1,64}$)",
+        "10: watch: Input should be a valid list (use a list: one '- item' line per entry, "
+        "or [a, b])",
+        "11: completion: Input should be a valid dictionary or instance of CompletionSettings "
+        "(use a mapping: 'key: value' lines indented below it, or {key: value})",
+        "12: nodes.PACS.port: Input should be a valid integer, got a number with a fractional "
+        "part (use a whole number from 1 to 65535, without a fractional part)",
+        "13: delivery.retries: Extra inputs are not permitted (remove it or check its spelling; "
+        "allowed here: max_attempts, retry_seconds, retry_max_seconds, timeout, lease_seconds)",
+        "15: models.m.version: Field required (add this field)",
+        "15: models.m.inputs: List should have at least 1 item after validation, not 0 "
+        "(use a list of at least 1 item(s))",
+    ]
+    assert problems == [f"{path}:{line}" for line in expected]
+    # Every message, whatever the error, ends with what to do about it.
+    assert all(re.fullmatch(r".+:\d+: \S+: .+ \(.+\)", p) for p in problems)
+
+
+def test_list_entries_are_named_by_their_index_from_zero(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        "node:\n"
+        "  allowed_calling_aes:\n"
+        "    - PACS\n"
+        "    - {ae_title: CT1, host: 10.0.0.0/8, colour: red}\n"
+        "watch:\n"
+        "  - {path: /srv/a}\n"
+        "  - {path: /srv/b, stable_seconds: -1}\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    text = str(info.value)
+    assert f"{path}:4: node.allowed_calling_aes[1].colour: Extra inputs" in text
+    assert "allowed here: ae_title, host" in text
+    assert f"{path}:7: watch[1].stable_seconds: Input should be greater than or equal to 0" in text
+    assert "(use a value at least 0)" in text
+
+
+def test_port_zero_lets_the_os_choose(tmp_path: Path) -> None:
+    assert load_settings(_write(tmp_path, "node: {port: 0}\n")).node.port == 0
+    example = (REPO / "config" / "dicomnode.yaml").read_text()
+    assert "0 = a free port the OS chooses" in example

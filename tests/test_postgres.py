@@ -122,6 +122,69 @@ def test_migrations_create_the_schema_on_a_fresh_database() -> None:
         _drop_database(name)
 
 
+def test_an_index_at_an_earlier_revision_is_upgraded_in_place() -> None:
+    from alembic import command
+
+    name, url = _create_database()
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            cfg = alembic_config(engine)
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0003")
+            conn.execute(
+                text(
+                    "INSERT INTO quarantine (path, reason, source, size_bytes, received_at) "
+                    "VALUES ('/q.dcm', 'empty', 'folder /in', 0, now())"
+                )
+            )
+        upgrade_schema(engine)
+        columns = {c["name"] for c in inspect(engine).get_columns("quarantine")}
+        assert {"original_name", "sop_instance_uid", "calling_ae", "peer_address"} <= columns
+        with engine.connect() as conn:
+            row = conn.execute(text("SELECT path, original_name FROM quarantine")).one()
+            version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
+        assert tuple(row) == ("/q.dcm", None)
+        assert version == _head(engine)
+    finally:
+        engine.dispose()
+        _drop_database(name)
+
+
+def test_read_only_commands_on_a_database_without_our_tables_fail(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dicomnode.cli import EXIT, main
+
+    name, url = _create_database()
+    config = tmp_path / "dicomnode.yaml"
+    config.write_text(f"database: {{url: '{url}'}}\n")
+    engine = make_engine(url)
+    try:
+        for command in (["studies"], ["jobs", "--json"], ["quarantine"]):
+            assert main([*command, "--config", str(config)]) == EXIT["no_index"]
+            err = capsys.readouterr().err
+            assert f"no dicomnode index at {url}: it is an empty database" in err
+            assert "is --data/--config right?" in err
+        assert inspect(engine).get_table_names() == []  # nothing was created
+        with engine.begin() as conn:
+            conn.execute(text("CREATE TABLE notes (body TEXT)"))
+        assert main(["routing", "--config", str(config)]) == EXIT["no_index"]
+        assert "it has no dicomnode tables" in capsys.readouterr().err
+        assert inspect(engine).get_table_names() == ["notes"]
+        assert main(["db", "upgrade", "--config", str(config)]) == EXIT["ok"]
+        assert main(["studies", "--config", str(config)]) == EXIT["ok"]
+        assert capsys.readouterr().out.endswith("no studies\n")
+    finally:
+        engine.dispose()
+        _drop_database(name)
+
+    # A database that does not exist: the server's own words, and what to check.
+    assert main(["studies", "--config", str(config)]) == EXIT["failure"]
+    err = capsys.readouterr().err
+    assert f"cannot open the index database {url}: " in err and "does not exist" in err
+
+
 def test_series_through_a_node_on_postgresql(make_node, pg_url: str, ct_files: list[Path]) -> None:
     node = make_node(database={"url": pg_url}, completion={"settle_seconds": 1})
     assert "postgresql+psycopg2://postgres@127.0.0.1:5432/" in node.log()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,13 @@ from pydicom.uid import generate_uid
 
 from dicomnode.cli import EXIT, main
 from dicomnode.errors import ConfigError
-from dicomnode.settings import load_settings
+from dicomnode.ingest import Ingestor, Source
+from dicomnode.settings import Settings, load_settings
 from routing.conditions import ConditionError, compile_condition
+from routing.engine import Router
 from routing.rules import Rule, SeriesView, StudyView, evaluate_rules
+from storage.db import make_engine, upgrade_schema
+from storage.filestore import FileStore
 from tests.dicomgen import make_series, write_series
 
 values = st.one_of(
@@ -143,7 +148,7 @@ def test_rule_errors_in_a_rules_folder_name_file_and_line(tmp_path: Path) -> Non
     with pytest.raises(ConfigError) as info:
         load_settings(config)
     text = str(info.value)
-    assert f"{rules / '10-ct.yaml'}:4: 1: action 'run' needs 'pipeline: NAME'" in text
+    assert f"{rules / '10-ct.yaml'}:4: [1]: action 'run' needs 'pipeline: NAME'" in text
     assert f"{rules / '10-ct.yaml'}:6: rules: the name 'ct' is used again" in text
     assert "'NOWHERE' is not in the nodes registry (PACS)" in text
 
@@ -260,3 +265,26 @@ def test_late_instances_give_jobs_only_to_rules_with_something_new(tmp_path: Pat
     )
     assert "rule ct-out: not forwarded again" in records[2].explanation
     engine.dispose()
+
+
+def test_a_study_no_rule_matches_is_recorded_and_logged_at_info(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Unmatched is a normal outcome (the embedded default leaves every non-T1 study so): it is
+    recorded and logged at INFO, never as a WARNING."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'index.db'}")
+    upgrade_schema(engine)
+    store = FileStore(tmp_path / "storage")
+    store.prepare()
+    ingestor = Ingestor(engine, store)
+    source = Source(kind="folder", folder=str(tmp_path / "in"))
+    for path in write_series(tmp_path / "in", make_series(2, modality="CT")):
+        ingestor.ingest_file(path, source)
+    settings = Settings(rules=[Rule(name="mr-only", series={"Modality": "MR"}, action="discard")])
+    with caplog.at_level(logging.DEBUG, logger="routing"):
+        routed = Router(engine, settings).route(1, 1)
+    engine.dispose()
+    assert routed.outcome == "unmatched"
+    [record] = [r for r in caplog.records if "unmatched" in r.getMessage()]
+    assert record.levelno == logging.INFO, record.levelname
+    assert "rule mr-only" in record.getMessage()

@@ -37,6 +37,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config
 
+from dicomnode.cli import EXIT
 from tests.conftest import RunningNode, node_config, require_tool, storescu, wait_for
 from tests.dicomgen import CT_IMAGE_STORAGE, encoded, make_series, write_series
 
@@ -524,7 +525,14 @@ def test_malformed_input_is_stored_or_quarantined(
         assert record["reason"], "quarantined without a reason"
         assert reason_words in record["reason"]
         assert record["calling_ae"] == "RAWSCU"
-        assert record["reason"] in [q["reason"] for q in _quarantine_json(node)]
+        # The index names the input: the request's SOP Instance UID, the sender and address.
+        [row] = [q for q in _quarantine_json(node) if q["sop_instance_uid"] == sop_uid]
+        assert (row["calling_ae"], row["peer_address"]) == ("RAWSCU", "127.0.0.1")
+        assert row["original_name"] is None
+        assert row["reason"] == record["reason"]
+        assert row["path"].endswith(record["file"])
+        listed = node.cli("quarantine").stdout
+        assert f"  SOP Instance {sop_uid} from RAWSCU@127.0.0.1: {record['reason']}\n" in listed
     _assert_alive(node)
 
 
@@ -578,6 +586,38 @@ def test_resent_instances_duplicates_conflicts_and_another_patient(
     assert any(m["called"] == "NODE-ALIAS" for m in lines)
 
 
+def test_quarantine_names_the_instance_storescu_sent(
+    shared_node: RunningNode, tmp_path: Path
+) -> None:
+    node = shared_node
+    [ds] = make_series(1, modality="CT")
+    del ds.SeriesInstanceUID  # cannot be indexed: quarantined, failure status
+    [sent] = write_series(tmp_path / "noseries", [ds])
+    result = storescu(node.port, [sent], calling_ae="QSENDER", check=False)
+    assert "Received Store Response (Error: CannotUnderstand)" in result.stdout + result.stderr
+    [row] = [q for q in _quarantine_json(node) if q["sop_instance_uid"] == ds.SOPInstanceUID]
+    assert row["calling_ae"] == "QSENDER" and row["peer_address"] == "127.0.0.1"
+    assert row["original_name"] is None
+    assert "SeriesInstanceUID" in row["reason"] or "Series Instance UID" in row["reason"]
+    assert Path(row["path"]).is_file()
+    assert row["size_bytes"] == Path(row["path"]).stat().st_size
+    assert set(row) == {
+        "id",
+        "received_at",
+        "reason",
+        "source",
+        "original_name",
+        "sop_instance_uid",
+        "calling_ae",
+        "peer_address",
+        "path",
+        "size_bytes",
+    }
+    text = node.cli("quarantine").stdout
+    assert f"  SOP Instance {ds.SOPInstanceUID} from QSENDER@127.0.0.1: {row['reason']}\n" in text
+    assert f"\n    {row['path']}\n" in text
+
+
 # --- allow-list and echo ----------------------------------------------------------------------
 
 
@@ -609,16 +649,51 @@ def test_allow_list_admits_listed_callers_and_refuses_others(
             lambda ae=ae: f"association refused: calling AE '{ae}' from 127.0.0.1" in node.log(),
             what=f"the refusal of {ae} in the log",
         )
-    # The CLI's own echo calls as the node's AE title, which is not listed either.
+    # The CLI's own echo calls as the node's AE title, which is not listed either: refused,
+    # with the reason from the A-ASSOCIATE-RJ and its own exit code.
     refused = node.cli("echo", f"127.0.0.1:{node.port}", check=False)
-    assert refused.returncode == 4
-    assert "rejected" in refused.stderr
+    assert refused.returncode == EXIT["rejected"] == 5, refused.stderr
+    assert (
+        f"C-ECHO as DICOMNODE: ANY-SCP@127.0.0.1:{node.port} refused the association: "
+        "Calling AE title not recognised (Rejected Permanent, from the Service User); "
+        "it does not accept our calling AE title DICOMNODE"
+    ) in refused.stderr
+    assert "--calling-ae TITLE" in refused.stderr
+    as_listed = node.cli("echo", f"127.0.0.1:{node.port}", "--calling-ae", "LOCAL", check=False)
+    assert as_listed.returncode == EXIT["ok"], as_listed.stderr
+    assert "success" in as_listed.stdout
 
     [study] = node.studies()
     assert study["instances"] == 2
     assert {s["source"]["calling_ae"] for s in study["series"]} == {"LOCAL"}
     assert len(node.storage_files()) == 2
     _assert_alive_as(node, "ANYWHERE")
+
+
+def test_a_listener_open_to_anyone_is_warned_about(tmp_path: Path) -> None:
+    """The embedded default (``make run``) listens on all interfaces and admits any calling AE
+    so that senders on other hosts reach it; it says so with one warning at start."""
+    from dicomnode.service import open_to_any_caller
+    from dicomnode.settings import NodeSettings, embedded_settings
+
+    warning = open_to_any_caller(embedded_settings(tmp_path / "data").node)
+    assert warning == (
+        "accepting associations from any calling AE on all interfaces; "
+        "set node.allowed_calling_aes to restrict"
+    )
+    assert "on all interfaces" in (open_to_any_caller(NodeSettings(host="::")) or "")
+    assert "on 192.0.2.5;" in (open_to_any_caller(NodeSettings(host="192.0.2.5")) or "")
+    assert "on pacs-gw.example.org;" in (
+        open_to_any_caller(NodeSettings(host="pacs-gw.example.org")) or ""
+    )
+    for quiet in (
+        NodeSettings.model_validate({"host": "0.0.0.0", "allowed_calling_aes": ["PACS"]}),
+        NodeSettings(host="127.0.0.1"),
+        NodeSettings(host="127.0.1.1"),
+        NodeSettings(host="::1"),
+        NodeSettings(host="localhost"),
+    ):
+        assert open_to_any_caller(quiet) is None, quiet
 
 
 def _assert_alive_as(node: RunningNode, calling_ae: str) -> None:
@@ -649,12 +724,45 @@ def test_echo_command_by_address_and_by_registered_name(make_node: Any) -> None:
     # A port where nobody listens (bound, never listening: refused at once).
     with socket.socket() as idle:
         idle.bind(("127.0.0.1", 0))
-        closed = node.cli(
-            "echo", f"127.0.0.1:{idle.getsockname()[1]}", "--timeout", "5", check=False
-        )
-    assert closed.returncode == 4
-    assert "association failed" in closed.stderr
+        port = idle.getsockname()[1]
+        closed = node.cli("echo", f"127.0.0.1:{port}", "--timeout", "5", check=False)
+    assert closed.returncode == EXIT["unreachable"] == 4
+    assert (
+        f"unreachable: ANY-SCP@127.0.0.1:{port}: connection refused: nothing listens on port "
+        f"{port} of 127.0.0.1"
+    ) in closed.stderr
     assert "association DICOMNODE from 127.0.0.1" in node.log()
+    # Listening, but not a DICOM node: the connection is accepted, the request not answered.
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen()
+        port = mute.getsockname()[1]
+        silent = node.cli("echo", f"127.0.0.1:{port}", "--timeout", "1", check=False)
+    assert silent.returncode == EXIT["unreachable"]
+    assert "accepted the connection but not the association request" in silent.stderr
+    assert "no answer within 1 s" in silent.stderr
+    # A listener whose queue of pending connections is full: new connections time out.
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        waiting = [socket.socket() for _ in range(4)]
+        try:
+            for pending in waiting:
+                pending.setblocking(False)
+                pending.connect_ex(("127.0.0.1", port))
+            late = node.cli("echo", f"127.0.0.1:{port}", "--timeout", "1", check=False)
+        finally:
+            for pending in waiting:
+                pending.close()
+    assert late.returncode == EXIT["unreachable"]
+    assert f"connection timed out: no answer from 127.0.0.1:{port} within 1 s" in late.stderr
+
+    bad_title = node.cli("echo", "SELF", "--calling-ae", "A_TITLE_TOO_LONG_", check=False)
+    assert bad_title.returncode == EXIT["usage"]
+    assert "--calling-ae 'A_TITLE_TOO_LONG_'" in bad_title.stderr
+    # Loopback only: nobody else can connect, so no warning about admitting any caller.
+    assert "accepting associations from any calling AE" not in node.log()
 
 
 # --- the association log line -------------------------------------------------------------------

@@ -210,7 +210,8 @@ def test_echo_over_tls_and_what_it_says_when_tls_fails(tmp_path: Path, pki: Pki)
         assert "CERTIFICATE_REQUIRED" in nocert.stderr.upper()
         plain = _echo(config, "PLAIN")
         assert plain.returncode == 4
-        assert "did not answer" in plain.stderr
+        assert "accepted the connection but not the association request" in plain.stderr
+        assert "does it expect TLS?" in plain.stderr
         other = _echo(config, "OTHERNAME")
         assert other.returncode == 4
         assert "not trusted" in other.stderr and "mismatch" in other.stderr

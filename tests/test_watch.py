@@ -7,6 +7,7 @@ The test node watches ``node.data / "incoming"`` with stable_seconds 0.5 and pol
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -262,8 +263,18 @@ def test_non_dicom_and_truncated_files_are_quarantined_with_a_reason(
     assert node.storage_files() == []
     assert node.studies() == []
     assert node.proc is not None and node.proc.poll() is None
-    listed = node.cli("quarantine", "--json").stdout
-    assert listed.count('"reason"') == len(inputs)
+    # The index names each file: its original path under the watched folder.
+    rows = json.loads(node.cli("quarantine", "--json").stdout)
+    drop = incoming(node).resolve()
+    assert sorted(r["original_name"] for r in rows) == sorted(str(drop / n) for n in inputs)
+    for row in rows:
+        record = by_name[Path(row["original_name"]).name]
+        assert row["reason"] == record["reason"]
+        assert row["path"].endswith(record["file"])
+        assert (row["sop_instance_uid"], row["calling_ae"], row["peer_address"]) == (None,) * 3
+    text = node.cli("quarantine").stdout
+    for name, record in by_name.items():
+        assert f"  {name} (folder {drop}): {record['reason']}\n" in text
 
 
 def test_file_that_cannot_be_stored_is_left_in_place_and_retried(
