@@ -17,9 +17,12 @@ from typing import Any
 
 import pydicom
 import yaml
-from pydicom.data import get_testdata_files
+from pydicom.data import get_testdata_file, get_testdata_files
+from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.fileset import FileSet
+from pydicom.filewriter import write_dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from dicomnode.partial import unfinished, unfinished_dataset
 from tests.conftest import RunningNode, wait_for
@@ -429,8 +432,10 @@ def test_burst_of_300_files_all_ingested_once(make_node: MakeNode, tmp_path: Pat
 
 def test_completeness_check_on_pydicom_test_files() -> None:
     """Every readable file pydicom ships (all transfer syntaxes, sequences, deflate, big
-    endian) is judged whole; the same file cut inside its last element is judged truncated."""
-    checked = checked_bare = 0
+    endian) is judged whole, but for images stripped of their pixel data, which are judged
+    possibly short (not certain); the same file cut inside its last element is judged
+    truncated."""
+    checked = checked_bare = stripped = 0
     for name in get_testdata_files():
         path = Path(name)
         if not path.is_file() or "truncated" in path.name or "no_meta" in path.name:
@@ -444,7 +449,12 @@ def test_completeness_check_on_pydicom_test_files() -> None:
         if "SOPInstanceUID" not in ds:
             continue
         data = path.read_bytes()
-        assert unfinished(data) is None, path.name
+        # Indistinguishable from a writer paused before the pixel data.
+        pixels = {"PixelData", "FloatPixelData", "DoubleFloatPixelData"} & set(ds.dir())
+        image = "Image Storage" in UID(ds.get("SOPClassUID", "")).name and not pixels
+        stripped += image
+        whole = unfinished(data)
+        assert (whole is not None and not whole.certain) if image else whole is None, path.name
         # A deflated file may carry bytes after the end of its deflate stream.
         deflated = "Deflate" in ds.file_meta.TransferSyntaxUID.name
         cut = unfinished(data[: len(data) * 3 // 4 if deflated else -1])
@@ -456,7 +466,8 @@ def test_completeness_check_on_pydicom_test_files() -> None:
             _read_file_meta_info(fp)
             bare = data[fp.tell() :]
             syntax = str(ds.file_meta.TransferSyntaxUID)
-            assert unfinished_dataset(bare, syntax) is None, path.name
+            whole = unfinished_dataset(bare, syntax)
+            assert (whole is not None and not whole.certain) if image else whole is None
             cut = unfinished_dataset(bare[: len(bare) * 3 // 4 if deflated else -1], syntax)
             assert cut is not None and cut.certain, path.name
             cut = unfinished_dataset(b"", syntax)
@@ -465,3 +476,34 @@ def test_completeness_check_on_pydicom_test_files() -> None:
         checked += 1
     assert checked > 100
     assert checked_bare > 100
+    assert 0 < stripped < checked // 2
+
+
+def _encoded(ds: pydicom.Dataset, *, implicit: bool = False) -> bytes:
+    """``ds`` as a bare little endian data set, as C-STORE carries it."""
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, implicit
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+def test_image_cut_anywhere_before_its_pixel_data_is_not_whole() -> None:
+    """A writer paused before group 0028 leaves a file that walks as whole: for an image
+    SOP class (named in the file meta or the data set) that is not taken as finished."""
+    (ds,) = make_series(1, rows=16, columns=16)
+    fp = BytesIO()
+    ds.save_as(fp, enforce_file_format=True)
+    data = fp.getvalue()
+    bare = _encoded(ds)
+    rows = bare.index(b"\x28\x00\x10\x00")  # (0028,0010) Rows, little endian
+    assert unfinished(data) is None and unfinished_dataset(bare, ExplicitVRLittleEndian) is None
+    for prefix in (data[: len(data) - len(bare) + rows], bare[:rows]):
+        verdict = unfinished(prefix)
+        assert verdict is not None and not verdict.certain
+        assert "CT Image Storage instance without pixel data" in verdict.reason
+    # Only the file meta says what it is, the data set is cut before its SOP Class UID.
+    meta_only = data[: len(data) - len(bare) + bare.index(b"\x08\x00\x16\x00")]
+    verdict = unfinished(meta_only)
+    assert verdict is not None and not verdict.certain and "CT Image" in verdict.reason
+    # Not an image: an RT plan has no pixel data, and is whole.
+    assert unfinished(Path(str(get_testdata_file("rtplan.dcm"))).read_bytes()) is None
