@@ -33,7 +33,9 @@ _SEQUENCE_END = 0xFFFEE0DD
 _MAX_DEPTH = 64
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 _EXPLICIT_BE = "1.2.840.10008.1.2.2"
-_DEFLATED = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1")
+# Transfer syntaxes whose data set is deflated as a whole (PS3.5 A.5, A.7, A.12). Not Deflated
+# Image Frame Compression (1.2.840.10008.1.2.8.1): only its frames are deflated.
+_DEFLATED = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95", "1.2.840.10008.1.2.4.205")
 _SOP_CLASS = 0x00080016
 _ROWS = 0x00280010
 _PIXEL_TAGS = frozenset((0x7FE00008, 0x7FE00009, 0x7FE00010))

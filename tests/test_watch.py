@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import zlib
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
@@ -485,6 +486,25 @@ def _encoded(ds: pydicom.Dataset, *, implicit: bool = False) -> bytes:
     fp.is_little_endian, fp.is_implicit_VR = True, implicit
     write_dataset(fp, ds)
     return fp.getvalue()
+
+
+def test_deflate_is_expected_only_where_the_data_set_is_deflated() -> None:
+    """Deflated Image Frame Compression deflates frames, not the data set: a data set cut
+    short under it is truncated like any explicit VR one. JPIP Referenced Deflate (and its
+    HTJ2K variant) deflate the whole data set, like Deflated Explicit VR Little Endian."""
+    (ds,) = make_series(1, rows=16, columns=16)
+    data = _encoded(ds)
+    frames = "1.2.840.10008.1.2.8.1"
+    assert unfinished_dataset(data, frames) is None
+    for cut in (len(data) - 1, len(data) // 2, 200):
+        verdict = unfinished_dataset(data[:cut], frames)
+        assert verdict is not None and verdict.certain, cut
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflated = packer.compress(data) + packer.flush()
+    for syntax in ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95", "1.2.840.10008.1.2.4.205"):
+        assert unfinished_dataset(deflated, syntax) is None, syntax
+        verdict = unfinished_dataset(deflated[: len(deflated) // 2], syntax)
+        assert verdict is not None and verdict.certain, syntax
 
 
 def test_image_cut_anywhere_before_its_pixel_data_is_not_whole() -> None:
