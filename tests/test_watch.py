@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+import pytest
 import yaml
 from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.filebase import DicomBytesIO
@@ -25,7 +26,9 @@ from pydicom.fileset import FileSet
 from pydicom.filewriter import write_dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from dicomnode.errors import ConfigError
 from dicomnode.partial import unfinished, unfinished_dataset
+from dicomnode.settings import WatchFolder, load_settings
 from tests.conftest import RunningNode, wait_for
 from tests.dicomgen import make_series, write_series
 
@@ -426,6 +429,24 @@ def test_burst_of_300_files_all_ingested_once(make_node: MakeNode, tmp_path: Pat
     assert study["instances"] == 300
     assert study["duplicates"] == 0
     assert node.quarantined() == []
+
+
+def test_waits_default_from_stable_seconds_and_are_never_shorter(tmp_path: Path) -> None:
+    assert WatchFolder(path=tmp_path).unfinished_wait == 30
+    assert WatchFolder(path=tmp_path).abandoned_wait == 300
+    slow = WatchFolder(path=tmp_path, stable_seconds=20)
+    assert (slow.unfinished_wait, slow.abandoned_wait) == (60, 300)
+    path = tmp_path / "dicomnode.yaml"
+    path.write_text(
+        "watch:\n"
+        "  - {path: a, stable_seconds: 5, unfinished_seconds: 2}\n"
+        "  - {path: b, stable_seconds: 5, abandoned_seconds: 4}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    text = str(info.value)
+    assert f"{path}:2: watch.0:" in text and "unfinished_seconds (2) is shorter than" in text
+    assert f"{path}:3: watch.1:" in text and "abandoned_seconds (4) is shorter than" in text
 
 
 # --- the completeness check on real files ------------------------------------------------------
