@@ -2,13 +2,18 @@
 completely written, stored through the same ingest path as the SCP, removed only after they
 are kept, broken input quarantined with a reason, symbolic links never followed.
 
-The test node watches ``node.data / "incoming"`` with stable_seconds 0.5 and poll_seconds 1.
+The test node watches ``node.data / "incoming"`` with stable_seconds 0.5 and poll_seconds 1;
+unfinished_seconds and abandoned_seconds keep their defaults (30 s, 300 s) unless a test sets
+them.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
 import shutil
+import signal
 import time
 import zlib
 from collections.abc import Callable
@@ -27,12 +32,18 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from dicomnode.errors import ConfigError
+from dicomnode.ingest import Ingestor
 from dicomnode.partial import unfinished, unfinished_dataset
 from dicomnode.settings import WatchFolder, load_settings
+from dicomnode.watch import FolderWatcher
+from storage.db import make_engine, upgrade_schema
+from storage.filestore import FileStore
 from tests.conftest import RunningNode, wait_for
 from tests.dicomgen import make_series, write_series
 
 MakeNode = Callable[..., RunningNode]
+# The signals the watcher asks leases to be broken with, when nothing else handles them.
+_LEASE_SIGNALS = (signal.SIGURG, signal.SIGWINCH)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -87,6 +98,48 @@ def series_files(tmp_path: Path, n: int, name: str = "ct", **kw: Any) -> list[Pa
 
 def sop_uid(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def report_cut_between_elements() -> tuple[bytes, int]:
+    """A Basic Text SR file, and where a cut between two top-level elements leaves a
+    prefix that is structurally whole (the last element, a 2 KB Text Value, missing)."""
+    (ds,) = make_series(1, rows=8, columns=8)
+    del ds[0x00280000:0x00290000]
+    del ds.PixelData
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    ds.Modality = "SR"
+    ds.add_new(0x0040A160, "UT", "Findings. " * 200)  # Text Value, the last element
+    fp = BytesIO()
+    ds.save_as(fp, enforce_file_format=True)
+    data = fp.getvalue()
+    cut = len(data) - len(_encoded(ds[0x0040A160:0x0040A161]))
+    assert unfinished(data[:cut]) is None and unfinished(data) is None
+    return data, cut
+
+
+def watching_node(make_node: MakeNode, **watch: Any) -> RunningNode:
+    """A node whose drop folder has these settings on top of the test defaults."""
+    node = make_node(start=False)
+    node.config["watch"][0].update(watch)
+    node.config_path.write_text(yaml.safe_dump(node.config))
+    return node.start()
+
+
+def assert_untouched(node: RunningNode, target: Path) -> None:
+    """The file is still in the drop folder and nothing was stored or quarantined."""
+    assert target.exists(), f"{target.name} was taken from the drop folder before it was whole"
+    assert node.storage_files() == []
+    assert node.quarantined() == []
+
+
+def assert_stored_once(node: RunningNode, data: bytes) -> None:
+    """``data`` is in the store byte for byte, as the only instance, and nothing is in
+    quarantine; the drop folder is empty."""
+    stored = wait_stored(node, 1)
+    assert [p.read_bytes() == data for p in stored.values()] == [True]
+    assert node.quarantined() == []
+    (study,) = node.studies()
+    assert study["instances"] == 1 and study["duplicates"] == 0
 
 
 # --- dropped files ----------------------------------------------------------------------------
@@ -186,20 +239,128 @@ def test_slow_writer_is_taken_only_once_complete(make_node: MakeNode, tmp_path: 
     assert total_instances(node.studies()) == 1
 
 
-def test_file_kept_open_after_writing_is_taken_when_stable(
+def test_writer_paused_before_the_pixel_data_is_waited_for(
     make_node: MakeNode, tmp_path: Path
 ) -> None:
+    """A CT file written through one handle: everything before group 0028 (about 1 KB), a
+    pause past stable_seconds and a rescan, then the 512 KB of pixel data."""
     node = make_node()
+    (src,) = series_files(tmp_path, 1, rows=512, columns=512)
+    data = src.read_bytes()
+    rows = data.index(b"\x28\x00\x10\x00US")  # (0028,0010) Rows, explicit VR little endian
+    assert rows < 2000 and len(data) - rows > 512 * 1024
+    target = incoming(node) / "paused.dcm"
+    with target.open("wb") as out:
+        out.write(data[:rows])
+        out.flush()
+        time.sleep(3)  # the writer pausing, not a wait for the node
+        assert_untouched(node, target)
+        out.write(data[rows:])
+    assert_stored_once(node, data)
+
+
+def test_writer_paused_at_an_element_boundary_is_waited_for_while_it_holds_the_file(
+    make_node: MakeNode, tmp_path: Path
+) -> None:
+    """A structured report cut between two elements looks whole: only its writer still
+    having it open says otherwise (the node sees that through a lease)."""
+    node = make_node()
+    data, cut = report_cut_between_elements()
+    target = incoming(node) / "report.dcm"
+    with target.open("wb") as out:
+        out.write(data[:cut])
+        out.flush()
+        time.sleep(3)  # the writer pausing, not a wait for the node
+        assert_untouched(node, target)
+        out.write(data[cut:])
+    assert_stored_once(node, data)
+    assert "cannot tell whether" not in node.log()
+
+
+def test_without_leases_a_file_seen_written_is_waited_for_until_closed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where leases cannot be taken (here: both spare signals are handled in the process),
+    inotify having seen the file written and not yet closed keeps it waiting."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'index.db'}")
+    upgrade_schema(engine)
+    store = FileStore(tmp_path / "storage")
+    store.prepare()
+    drop = tmp_path / "incoming"
+    settings = WatchFolder(path=drop, stable_seconds=0.5, poll_seconds=1)
+    watcher = FolderWatcher(settings, Ingestor(engine, store))
+    handled = {signum: signal.signal(signum, lambda *_: None) for signum in _LEASE_SIGNALS}
+    try:
+        with caplog.at_level(logging.INFO, logger="dicomnode.watch"):
+            watcher.start()
+        assert "cannot tell whether files in" in caplog.text
+        data, cut = report_cut_between_elements()
+        target = drop / "report.dcm"
+        with target.open("wb") as out:
+            out.write(data[:cut])
+            out.flush()
+            time.sleep(3)  # the writer pausing, not a wait for the watcher
+            assert target.exists() and watcher.stored == watcher.quarantined == 0
+            out.write(data[cut:])
+        wait_for(lambda: watcher.stored == 1 and not target.exists(), what="the report taken")
+        (kept,) = (tmp_path / "storage" / "studies").rglob("*.dcm")
+        assert kept.read_bytes() == data and watcher.quarantined == 0
+    finally:
+        watcher.stop()
+        for signum, handler in handled.items():
+            signal.signal(signum, handler)
+        engine.dispose()
+
+
+def test_writer_appending_through_several_opens_is_taken_once_whole(
+    make_node: MakeNode, tmp_path: Path
+) -> None:
+    """Like ``cat part >> f`` or a resumed transfer: each piece is appended through a new
+    handle, closed in between, the file cut short (or before its pixel data) each time."""
+    node = make_node()
+    (src,) = series_files(tmp_path, 1, rows=256, columns=256)
+    data = src.read_bytes()
+    rows = data.index(b"\x28\x00\x10\x00US")
+    cuts = [0, rows, rows + 1000, len(data) // 2, len(data)]
+    target = incoming(node) / "appended.dcm"
+    for start, end in itertools.pairwise(cuts):
+        with target.open("ab") as out:
+            out.write(data[start:end])
+        if end < len(data):
+            time.sleep(1.5)  # the writer between two pieces, not a wait for the node
+            assert_untouched(node, target)
+    assert_stored_once(node, data)
+
+
+def test_empty_file_replaced_by_a_copy_leaves_no_junk(make_node: MakeNode, tmp_path: Path) -> None:
+    """``touch b.dcm``, then seconds later ``cp`` over it."""
+    node = make_node()
+    (src,) = series_files(tmp_path, 1)
+    target = incoming(node) / "b.dcm"
+    target.touch()
+    time.sleep(2)  # the writer being slow, not a wait for the node
+    assert_untouched(node, target)
+    shutil.copyfile(src, target)
+    assert_stored_once(node, src.read_bytes())
+
+
+def test_file_kept_open_after_writing_is_taken_once_abandoned(
+    make_node: MakeNode, tmp_path: Path
+) -> None:
+    """A whole file its writer keeps open is not taken at stable_seconds (the writer could
+    add more), only once unchanged for abandoned_seconds, with a warning."""
+    node = watching_node(make_node, abandoned_seconds=4)
     (src,) = series_files(tmp_path, 1)
     data = src.read_bytes()
     target = incoming(node) / "held-open.dcm"
     with target.open("wb") as out:
         out.write(data)
         out.flush()
-        # No close event will come while we wait: the size must settle the question.
-        stored = wait_stored(node, 1, timeout=15)
-    assert stored[sop_uid(src)].read_bytes() == data
-    assert node.quarantined() == []
+        time.sleep(2)  # the writer holding on to it, not a wait for the node
+        assert_untouched(node, target)
+        # No close event will come while we wait.
+        assert_stored_once(node, data)
+    assert "held-open.dcm is still open for writing by another process" in node.log()
 
 
 def test_rename_into_place_is_ingested_once_and_temporary_names_left_alone(
@@ -238,7 +399,8 @@ def test_rename_into_place_is_ingested_once_and_temporary_names_left_alone(
 def test_non_dicom_and_truncated_files_are_quarantined_with_a_reason(
     make_node: MakeNode, tmp_path: Path
 ) -> None:
-    node = make_node()
+    # Short or cut files are waited for unfinished_seconds after their writer closed them.
+    node = watching_node(make_node, unfinished_seconds=2)
     (ct,) = series_files(tmp_path, 1)
     data = ct.read_bytes()
     inputs = {
@@ -265,6 +427,7 @@ def test_non_dicom_and_truncated_files_are_quarantined_with_a_reason(
         assert record["source"].startswith("folder "), name
         assert (folder / record["received_at"][:10] / record["file"]).read_bytes() == content
     assert "trunc" in by_name["truncated.dcm"]["reason"].lower()
+    assert "trunc" in by_name["header-only.dcm"]["reason"].lower()
     # Nothing broken made it into the store or the index; the node is still up.
     assert node.storage_files() == []
     assert node.studies() == []
