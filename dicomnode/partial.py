@@ -2,17 +2,26 @@
 
 The check walks element headers only (lengths, items, delimiters), never decoding values, so
 it costs a few hundred small reads however large the file. It is conservative: it reports a
-file as unfinished only when its own structure says data is missing (an element or item that
-runs past the end, a sequence never closed, a deflated stream that has not ended). Data it
-cannot make sense of is left to the ingest path to judge.
+file as certainly unfinished only when its own structure says data is missing (an element or
+item that runs past the end, a sequence never closed, a deflated stream that has not ended).
+A file that is merely short so far is reported as unfinished but not certain: one shorter
+than a DICOM header, and an image (a storage SOP class whose instances carry pixel data: CT,
+MR, PET, CR, DX, US, secondary capture, enhanced multi-frame, segmentation, parametric map,
+...) without pixel data yet, which is what a writer leaves behind when it pauses anywhere
+before the pixel data. Data it cannot make sense of is left to the ingest path to judge.
 """
 
 from __future__ import annotations
 
+import functools
 import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from pydicom.uid import UID
+
+from dicomnode.resend import DEFLATED_TRANSFER_SYNTAXES
 
 __all__ = ["Unfinished", "unfinished", "unfinished_dataset"]
 
@@ -26,9 +35,25 @@ _SEQUENCE_END = 0xFFFEE0DD
 _MAX_DEPTH = 64
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 _EXPLICIT_BE = "1.2.840.10008.1.2.2"
-_DEFLATED = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95")
+# Transfer syntaxes whose data set is deflated as a whole (PS3.5 A.5, A.7, A.12). Not Deflated
+# Image Frame Compression (1.2.840.10008.1.2.8.1): only its frames are deflated.
+_DEFLATED = DEFLATED_TRANSFER_SYNTAXES
+_SOP_CLASS = 0x00080016
 _ROWS = 0x00280010
 _PIXEL_TAGS = frozenset((0x7FE00008, 0x7FE00009, 0x7FE00010))
+# Storage SOP classes whose instances always carry pixel data although their registered name
+# does not say "Image Storage"; newer ones than pydicom's registry are listed too.
+_PIXEL_CLASSES = frozenset(
+    (
+        "1.2.840.10008.5.1.4.1.1.6.2",  # Enhanced US Volume
+        "1.2.840.10008.5.1.4.1.1.30",  # Parametric Map (float pixel data)
+        "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation
+        "1.2.840.10008.5.1.4.1.1.66.7",  # Label Map Segmentation
+        "1.2.840.10008.5.1.4.1.1.66.8",  # Height Map Segmentation
+        "1.2.840.10008.5.1.4.1.1.81.1",  # Ophthalmic Thickness Map
+        "1.2.840.10008.5.1.4.1.1.82.1",  # Corneal Topography Map
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -84,31 +109,57 @@ def _check(buf: memoryview, size: int) -> None:
     if bytes(buf[128:132]) != b"DICM":
         _check_bare(buf, size)
         return
-    pos, ts = _file_meta(buf, size)
-    _check_dataset(buf, pos, size, ts)
+    pos, ts, sop_class = _file_meta(buf, size)
+    _check_dataset(buf, pos, size, ts, sop_class)
 
 
-def _check_dataset(buf: memoryview, pos: int, size: int, ts: str) -> None:
+def _check_dataset(buf: memoryview, pos: int, size: int, ts: str, sop_class: str = "") -> None:
     if ts in _DEFLATED:
         _check_deflated(buf[pos:size])
     else:
-        _dataset(buf, pos, size, explicit=ts != _IMPLICIT_LE, little=ts != _EXPLICIT_BE)
+        explicit, little = ts != _IMPLICIT_LE, ts != _EXPLICIT_BE
+        _dataset(buf, pos, size, explicit=explicit, little=little, sop_class=sop_class)
 
 
-def _dataset(buf: memoryview, pos: int, size: int, *, explicit: bool, little: bool) -> None:
-    """Walk the top-level dataset, then check that an image has its pixel data."""
+def _dataset(
+    buf: memoryview, pos: int, size: int, *, explicit: bool, little: bool, sop_class: str = ""
+) -> None:
+    """Walk the top-level dataset, then check that an image has its pixel data.
+    ``sop_class`` is the file meta's Media Storage SOP Class UID, if any."""
     if pos == size:
         raise _Truncated("the file ends before any data")
     if size - pos >= 8:
         # Trust the data over the declared transfer syntax for VR, as pydicom does.
         vr = bytes(buf[pos + 4 : pos + 6])
         explicit = vr.isalpha() and vr.isupper()
-    tags: set[int] = set()
+    tags: dict[int, tuple[int, int]] = {}
     _walk(buf, pos, size, explicit=explicit, little=little, depth=0, in_item=False, tags=tags)
-    if _ROWS in tags and not tags & _PIXEL_TAGS:
-        # Possibly cut exactly before the pixel data; wait, but let the ingest path judge
-        # it if the writer says it is finished.
+    if tags.keys() & _PIXEL_TAGS:
+        return
+    # Cut anywhere before the pixel data, an image still walks as whole: wait for it, but
+    # let the ingest path judge it if its writer says it is finished.
+    if _SOP_CLASS in tags:
+        start, length = tags[_SOP_CLASS]
+        sop_class = _text(buf[start : start + min(length, 64)])
+    if _carries_pixels(sop_class):
+        name = UID(sop_class).name
+        what = "an image" if name == sop_class else f"a {name} instance"
+        raise _TooShort(size, f"{what} without pixel data (yet)")
+    if _ROWS in tags:
         raise _TooShort(size, "image attributes but no pixel data (yet)")
+
+
+@functools.lru_cache(maxsize=256)
+def _carries_pixels(sop_class: str) -> bool:
+    """Whether instances of this storage SOP class always have pixel data."""
+    if sop_class in _PIXEL_CLASSES:
+        return True
+    uid = UID(sop_class)
+    return uid.type == "SOP Class" and "Image Storage" in uid.name
+
+
+def _text(value: memoryview) -> str:
+    return bytes(value).decode("ascii", "replace").strip("\x00 ")
 
 
 class _TooShort(_Truncated):
@@ -126,16 +177,17 @@ def _check_bare(buf: memoryview, size: int) -> None:
     _dataset(buf, 0, size, explicit=True, little=True)
 
 
-def _file_meta(buf: memoryview, size: int) -> tuple[int, str]:
-    """Skip group 0002 (always explicit VR little endian); returns (end, transfer syntax)."""
+def _file_meta(buf: memoryview, size: int) -> tuple[int, str, str]:
+    """Skip group 0002 (always explicit VR little endian); returns (end, transfer syntax,
+    media storage SOP class)."""
     pos = 132
-    ts = ""
+    ts = sop_class = ""
     while True:
         if size - pos < 8:
             raise _Truncated("the file ends inside the file meta information")
         group, element = struct.unpack_from("<HH", buf, pos)
         if group != 0x0002:
-            return pos, ts
+            return pos, ts, sop_class
         vr = bytes(buf[pos + 4 : pos + 6])
         if vr in _LONG_VRS:
             if size - pos < 12:
@@ -149,8 +201,10 @@ def _file_meta(buf: memoryview, size: int) -> tuple[int, str]:
             raise _Unknown
         if length > size - pos:
             raise _Truncated("the file ends inside the file meta information")
-        if element == 0x0010:
-            ts = bytes(buf[pos : pos + length]).decode("ascii", "replace").strip("\x00 ")
+        if element == 0x0002:
+            sop_class = _text(buf[pos : pos + min(length, 64)])
+        elif element == 0x0010:
+            ts = _text(buf[pos : pos + length])
         pos += length
         if pos == size:
             raise _Truncated("the file ends after the file meta information, before any data")
@@ -178,18 +232,17 @@ def _walk(
     little: bool,
     depth: int,
     in_item: bool,
-    tags: set[int] | None = None,
+    tags: dict[int, tuple[int, int]] | None = None,
 ) -> int:
     """Skip the elements of a dataset; returns the position after it (after the item
-    delimiter when ``in_item``). ``tags`` collects the tags seen at this level."""
+    delimiter when ``in_item``). ``tags`` collects the tags seen at this level, each with
+    the position and length of its value."""
     order = "<" if little else ">"
     while pos < end:
         if end - pos < 8:
             raise _Truncated(f"the file ends inside an element header at byte {pos}")
         group, element = struct.unpack_from(order + "HH", buf, pos)
         tag = group << 16 | element
-        if tags is not None:
-            tags.add(tag)
         if tag == _ITEM_END:
             if not in_item:
                 raise _Unknown
@@ -212,6 +265,8 @@ def _walk(
         else:
             length = struct.unpack_from(order + "I", buf, pos + 4)[0]
             pos += 8
+        if tags is not None:
+            tags[tag] = (pos, length)
         if length == _UNDEFINED:
             # A sequence or encapsulated pixel data; UN of undefined length is implicit VR.
             pos = _items(

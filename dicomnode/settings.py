@@ -153,7 +153,7 @@ class DatabaseSettings(_Model):
 
 
 class WatchFolder(_Model):
-    """A drop folder whose files are ingested and then removed."""
+    """A drop folder whose files are ingested and then removed (times in seconds)."""
 
     path: Path
     recursive: bool = True
@@ -162,6 +162,45 @@ class WatchFolder(_Model):
     empty_folder_seconds: float = Field(
         60.0, ge=0, description="an emptied sub-folder unchanged this long is removed"
     )
+    unfinished_seconds: float | None = Field(
+        None,
+        ge=0,
+        description="a file no longer open for writing that still looks cut short waits this "
+        "long after its last change before it is taken as it is (quarantined when truncated); "
+        "default max(30, 3 x stable_seconds)",
+    )
+    abandoned_seconds: float | None = Field(
+        None,
+        ge=0,
+        description="a file still open for writing by another process and unchanged this long "
+        "is taken as it is; default max(300, 10 x stable_seconds)",
+    )
+
+    @property
+    def unfinished_wait(self) -> float:
+        """``unfinished_seconds``, or its default."""
+        if self.unfinished_seconds is not None:
+            return self.unfinished_seconds
+        return max(30.0, 3 * self.stable_seconds)
+
+    @property
+    def abandoned_wait(self) -> float:
+        """``abandoned_seconds``, or its default."""
+        if self.abandoned_seconds is not None:
+            return self.abandoned_seconds
+        return max(300.0, 10 * self.stable_seconds)
+
+    @model_validator(mode="after")
+    def _v_waits(self) -> WatchFolder:
+        for name in ("unfinished_seconds", "abandoned_seconds"):
+            value = getattr(self, name)
+            if value is not None and value < self.stable_seconds:
+                raise ValueError(
+                    f"{name} ({value:g}) is shorter than stable_seconds "
+                    f"({self.stable_seconds:g}): a file must be waited for at least "
+                    f"stable_seconds after its last change; raise {name} or leave it unset"
+                )
+        return self
 
 
 class CompletionSettings(_Model):

@@ -1,20 +1,41 @@
 """Watched drop folders: files are taken when completely written and go through the same
 ingest path as the SCP; a source file is removed only after it is stored or quarantined.
 
-Readiness: a close-after-write event (inotify), or a size and mtime unchanged for
-``stable_seconds`` *and* a content that is structurally whole (a writer that pauses longer
-than that in the middle of a file is waited for; see ``dicomnode.partial``). A file that stays
-unfinished without being closed is taken (and quarantined as truncated) once abandoned.
-A periodic rescan picks up files dropped while the node was down and any event the kernel
-dropped. Symbolic links, special files, hidden names and the temporary names of writers that
-rename into place (``x.tmp``, ``x.part``) are never taken.
+Readiness, for a file whose content is structurally whole (``dicomnode.partial``: nothing
+runs past the end, and an image has its pixel data):
+
+- while another process has it open for writing (a read lease cannot be taken on it, or,
+  where leases are not available, inotify saw it written and not yet closed), it is not
+  taken; it is taken after its writer closes it (close-after-write event), or once it is
+  unchanged for ``abandoned_seconds`` (default max(300 s, 10 x ``stable_seconds``)) although
+  still open, with a warning;
+- otherwise once it is closed by its writer, or its size and mtime are unchanged for
+  ``stable_seconds`` (writers inotify cannot see: network file systems, files dropped while
+  the node was down, renamed into place).
+
+A file that looks unfinished (cut short, shorter than a header, an image without its pixel
+data) is waited for even after its writer closed it, since writers that append through
+several opens (``cat part >> f``, resumed transfers) close it in between: it is taken as it is
+(quarantined when certainly truncated, otherwise judged by the ingest path) only once it is
+unchanged for ``unfinished_seconds`` (default max(30 s, 3 x ``stable_seconds``)) and no
+longer open for writing, or for ``abandoned_seconds`` when that cannot be told.
+
+Before a source is removed its size, mtime and inode must still be those of the content
+stored, and no other process may have it open for writing (unless it was taken as
+abandoned). A periodic rescan picks up files dropped while the node was down and any event
+the kernel dropped. Symbolic links, special files, hidden names and the temporary names of
+writers that rename into place (``x.tmp``, ``x.part``) are never taken.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import logging
+import math
 import os
+import signal
 import stat
 import threading
 import time
@@ -49,8 +70,8 @@ _TEMPORARY_SUFFIXES = (
     ".swp",
     "~",
 )
-# A file still unfinished and unchanged this long (seconds, at least) is taken as it is.
-_ABANDONED_SECONDS = 300.0
+# Read-only (a read lease needs it), never through a link, never blocking on a FIFO.
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 @dataclass
@@ -58,8 +79,9 @@ class _Pending:
     size: int
     mtime_ns: int
     since: float  # monotonic time of the last change seen
-    closed: bool = False  # its writer closed it since the last change
-    waiting: bool = False  # looked unfinished at this size; wait for a change or a close
+    due: float  # monotonic time of the next look at it
+    closed: bool = False  # its writer closed it (close-after-write) since the last change
+    written: bool = False  # inotify saw it written, and no close-after-write since
 
 
 @dataclass(frozen=True)
@@ -79,8 +101,10 @@ class _Events(FileSystemEventHandler):
                 self.watcher.request_rescan()
             return
         path = getattr(event, "dest_path", "") or event.src_path
-        if event.event_type in ("created", "modified", "moved"):
+        if event.event_type in ("created", "moved"):
             self.watcher.notice(Path(os.fsdecode(path)))
+        elif event.event_type == "modified":
+            self.watcher.notice(Path(os.fsdecode(path)), written=True)
         elif event.event_type == "closed":
             self.watcher.notice(Path(os.fsdecode(path)), closed=True)
 
@@ -93,10 +117,13 @@ class FolderWatcher:
         self.root = settings.path.resolve()
         self.ingestor = ingestor
         self.source = Source(kind="folder", folder=str(self.root))
-        self.abandoned_seconds = max(_ABANDONED_SECONDS, 10 * settings.stable_seconds)
+        self.unfinished_seconds = settings.unfinished_wait
+        self.abandoned_seconds = settings.abandoned_wait
         self._pending: dict[Path, _Pending] = {}
         self._failures: dict[Path, tuple[int, float]] = {}
         self._warned: set[Path] = set()
+        self._lease_signal: int | None = None  # set by start(); None: no leases taken
+        self._no_lease: set[int] = set()  # errnos already reported
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -110,6 +137,14 @@ class FolderWatcher:
 
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        self._lease_signal = _lease_signal()
+        if self._lease_signal is None:
+            logger.info(
+                "cannot tell whether files in %s are still open by their writers (SIGURG and "
+                "SIGWINCH are both handled in this process, and SIGIO would stop it); files "
+                "are taken on close events and stable sizes",
+                self.root,
+            )
         self._observer = Observer()
         self._observer.schedule(_Events(self), str(self.root), recursive=self.settings.recursive)
         self._observer.start()
@@ -133,19 +168,37 @@ class FolderWatcher:
         self._rescan.set()
         self._wake.set()
 
-    def notice(self, path: Path, closed: bool = False) -> None:
-        """Remember a file that may be ready; ``closed`` means its writer closed it."""
+    def notice(self, path: Path, *, written: bool = False, closed: bool = False) -> None:
+        """Remember a file that may be ready; ``written`` means inotify saw it written,
+        ``closed`` that its writer closed it after writing."""
         st = self._acceptable(path)
         if st is None:
             return
+        now = time.monotonic()
         with self._lock:
             entry = self._pending.get(path)
             if entry is None or (entry.size, entry.mtime_ns) != (st.st_size, st.st_mtime_ns):
-                entry = _Pending(st.st_size, st.st_mtime_ns, time.monotonic())
-                self._pending[path] = entry
+                entry = self._changed(path, st.st_size, st.st_mtime_ns, now)
+            if written:
+                entry.written, entry.closed = True, False
             if closed:
-                entry.closed = True
+                entry.written, entry.closed = False, True
+                entry.due = now
         self._wake.set()
+
+    def _changed(self, path: Path, size: int, mtime_ns: int, now: float) -> _Pending:
+        """A new entry for a file seen (again) at this size and mtime; the caller holds
+        the lock."""
+        old = self._pending.get(path)
+        entry = _Pending(
+            size,
+            mtime_ns,
+            now,
+            now + self.settings.stable_seconds,
+            written=bool(old and old.written),
+        )
+        self._pending[path] = entry
+        return entry
 
     def _acceptable(self, path: Path) -> os.stat_result | None:
         """The file's status if it is ours to take: a regular file inside the folder, reached
@@ -208,8 +261,8 @@ class FolderWatcher:
                     logger.exception("unexpected error taking %s; left in place", path)
                     self._retry_later(path)
             with self._lock:
-                active = any(not e.waiting for e in self._pending.values())
-            self._wake.wait(0.1 if active else self.settings.poll_seconds)
+                due = min([next_scan, *(e.due for e in self._pending.values())])
+            self._wake.wait(min(max(0.02, due - time.monotonic()), self.settings.poll_seconds))
             self._wake.clear()
 
     def _scan(self) -> None:
@@ -225,51 +278,88 @@ class FolderWatcher:
                 del self._failures[path]
 
     def _ready(self) -> list[tuple[Path, _Pending]]:
+        """The files due for a look, each unchanged since it was last seen."""
         now = time.monotonic()
         ready: list[tuple[Path, _Pending]] = []
         with self._lock:
             for path, entry in list(self._pending.items()):
+                if now < entry.due:
+                    continue
                 failed = self._failures.get(path)
                 if failed is not None and now < failed[1]:
+                    entry.due = failed[1]
                     continue
                 try:
                     st = path.lstat()
-                except FileNotFoundError:
+                except OSError:  # gone; a rescan finds it again if it is back
                     del self._pending[path]
                     continue
                 if (st.st_size, st.st_mtime_ns) != (entry.size, entry.mtime_ns):
-                    self._pending[path] = _Pending(st.st_size, st.st_mtime_ns, now)
+                    self._changed(path, st.st_size, st.st_mtime_ns, now)
                     continue
-                quiet = now - entry.since
-                if (
-                    entry.closed
-                    or quiet >= self.abandoned_seconds
-                    or (not entry.waiting and quiet >= self.settings.stable_seconds)
-                ):
-                    ready.append((path, entry))
-                    del self._pending[path]
+                entry.due = math.inf  # until _take has decided
+                ready.append((path, entry))
         return sorted(ready, key=lambda item: item[0])
 
     def _take(self, path: Path, entry: _Pending) -> None:
-        """Store or quarantine one file, then remove it; leave it in place on any failure."""
+        """Store or quarantine one file, then remove it; leave it in place on any failure,
+        and while it may still be written."""
+        now = time.monotonic()
+        quiet = now - entry.since
+        abandoned = quiet >= self.abandoned_seconds
+        size, mtime = entry.size, entry.mtime_ns
         try:
-            data, before = self._read(path)
+            fd = os.open(path, _OPEN_FLAGS)
         except FileNotFoundError:
+            self._done(path, entry)
             return
+        except OSError as exc:
+            logger.warning("cannot open %s (%s); left in place", path, exc)
+            self._retry_later(path)
+            return
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                self._done(path, entry)  # replaced since it was listed; the rescan judges it
+                return
+            writer = self._writer_has_it(fd, path)
+            held = entry.written if writer is None else writer
+            if held and not abandoned:
+                # Taking it now would lose whatever its writer adds later.
+                logger.debug("%s is still open for writing; waiting for it to be closed", path)
+                poll = now + self.settings.poll_seconds
+                self._wait(path, entry, min(poll, entry.since + self.abandoned_seconds))
+                return
+            content = _read(fd)
         except OSError as exc:
             logger.warning("cannot read %s (%s); left in place", path, exc)
             self._retry_later(path)
             return
-        abandoned = time.monotonic() - entry.since >= self.abandoned_seconds
-        why = unfinished(data)
-        if why is not None and not entry.closed and not abandoned:
-            # Stable for stable_seconds but visibly incomplete: its writer has paused.
-            logger.debug("%s is not complete yet (%s); waiting", path, why.reason)
-            with self._lock:
-                self._pending.setdefault(
-                    path, _Pending(before.size, before.mtime_ns, entry.since, waiting=True)
-                )
+        finally:
+            os.close(fd)
+        if content is None or (content[1].size, content[1].mtime_ns) != (size, mtime):
+            # Changed since it was last seen, or while it was read: start over.
+            self.notice(path)
+            self._wait(path, entry, time.monotonic() + self.settings.stable_seconds)
             return
+        data, snapshot = content
+        why = unfinished(data)
+        if why is not None and not abandoned:
+            # Its writer may be one that closes and reopens it between appends. Once it is
+            # known to be closed, wait unfinished_seconds for more; if that cannot be told,
+            # as long as for a writer that keeps it open.
+            closed = entry.closed or writer is False
+            limit = self.unfinished_seconds if closed else self.abandoned_seconds
+            if quiet < limit:
+                logger.debug("%s is not complete yet (%s); waiting", path, why.reason)
+                self._wait(path, entry, entry.since + limit)
+                return
+        if held:
+            logger.warning(
+                "%s is still open for writing by another process, but unchanged for %.0f s: "
+                "taking it as it is",
+                path,
+                quiet,
+            )
         try:
             if path.name.upper() == "DICOMDIR":
                 self.ingestor.quarantine_file(path, _DICOMDIR_REASON, self.source, data)
@@ -286,42 +376,99 @@ class FolderWatcher:
             logger.exception("could not store %s; left in place, retry in %.0f s", path, delay)
             return
         self._failures.pop(path, None)
-        self._remove_source(path, before)
+        if self._remove_source(path, snapshot, abandoned=abandoned):
+            self._done(path, entry)
+        else:
+            self._wait(path, entry, time.monotonic() + self.settings.poll_seconds)
 
-    def _read(self, path: Path) -> tuple[bytes, _Snapshot]:
-        """The file's content, read without following a symbolic link, and its identity."""
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    def _wait(self, path: Path, entry: _Pending, until: float) -> None:
+        """Look at ``path`` again at ``until`` (monotonic), or sooner if an event says so."""
+        with self._lock:
+            if self._pending.get(path) is entry:
+                entry.due = until if entry.due == math.inf else min(entry.due, until)
+
+    def _done(self, path: Path, entry: _Pending) -> None:
+        """Forget ``path``, unless an event about it came while it was being taken."""
+        with self._lock:
+            if self._pending.get(path) is entry and entry.due == math.inf:
+                del self._pending[path]
+
+    def _writer_has_it(self, fd: int, path: Path) -> bool | None:
+        """Whether another process has the file behind ``fd`` (opened read-only) open for
+        writing; None when that cannot be told here.
+
+        A read lease cannot be taken while anyone has the file open for writing; one that
+        can is released at once. Leases need the file's owner (or CAP_LEASE) and a local file
+        system that supports them.
+        """
+        if self._lease_signal is None:
+            return None
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETSIG, self._lease_signal)
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        except OSError as exc:
+            code = exc.errno or 0
+            if code in (errno.EAGAIN, errno.EBUSY):
+                return True
+            if code not in self._no_lease:
+                self._no_lease.add(code)
+                logger.info(
+                    "cannot tell whether %s is still open by its writer (%s); files like it "
+                    "are taken on close events and stable sizes. %s",
+                    path,
+                    exc.strerror,
+                    _NO_LEASE_HINTS.get(code, ""),
+                )
+            return None
+        with contextlib.suppress(OSError):  # closing the descriptor releases it anyway
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return False
+
+    def _remove_source(self, path: Path, stored: _Snapshot, *, abandoned: bool) -> bool:
+        """Remove the source, unless it was changed or replaced after it was read or
+        (unless it was taken as ``abandoned``) another process opened it for writing
+        since; True when it is gone."""
+        try:
+            fd = os.open(path, _OPEN_FLAGS)
+        except FileNotFoundError:
+            return True
+        except OSError as exc:
+            logger.warning("cannot check %s before removing it (%s); left in place", path, exc)
+            return False
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise FileNotFoundError(f"{path} is no longer a regular file")
-            chunks = []
-            while chunk := os.read(fd, 1 << 22):
-                chunks.append(chunk)
-            return b"".join(chunks), _Snapshot(st.st_size, st.st_mtime_ns, st.st_ino)
+            same = _Snapshot(st.st_size, st.st_mtime_ns, st.st_ino) == stored
+            writer = same and not abandoned and self._writer_has_it(fd, path)
         finally:
             os.close(fd)
-
-    def _remove_source(self, path: Path, before: _Snapshot) -> None:
-        """Remove the source, unless it was changed or replaced after it was read."""
-        try:
-            st = path.lstat()
-        except FileNotFoundError:
-            return
-        if _Snapshot(st.st_size, st.st_mtime_ns, st.st_ino) != before:
+        if not same:
             logger.warning("%s changed while it was being stored; taking it again", path)
             self.notice(path)
-            return
+            return False
+        if writer:
+            logger.warning(
+                "%s was opened for writing while it was being stored; left in place until "
+                "its writer is done",
+                path,
+            )
+            return False
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+        return True
 
     def _retry_later(self, path: Path) -> float:
         """Back off before the next attempt at ``path``; returns the delay in seconds."""
         attempts = self._failures.get(path, (0, 0.0))[0] + 1
         delay = min(60.0, 2.0**attempts)
+        now = time.monotonic()
         with self._lock:
-            self._failures[path] = (attempts, time.monotonic() + delay)
-            self._pending.setdefault(path, _Pending(-1, -1, 0.0))
+            self._failures[path] = (attempts, now + delay)
+            entry = self._pending.get(path)
+            if entry is None:
+                # Size unknown: the next look starts over, as for a file seen the first time.
+                self._pending[path] = _Pending(-1, -1, now, now + delay)
+            else:
+                entry.due = now + delay
         return delay
 
     def _remove_empty_folders(self) -> None:
@@ -335,3 +482,37 @@ class FolderWatcher:
                     folder.rmdir()  # only succeeds when empty
             except OSError:
                 pass
+
+
+_NO_LEASE_HINTS = {
+    errno.EACCES: "Leases need the file's owner: run the node as the user who writes the "
+    "files, or give it CAP_LEASE.",
+    errno.EINVAL: "The file system does not support leases (or fs.leases-enable is 0).",
+}
+
+
+def _read(fd: int) -> tuple[bytes, _Snapshot] | None:
+    """The content behind ``fd`` and its identity, or None if it changed while being read."""
+    before = os.fstat(fd)
+    chunks = []
+    while chunk := os.read(fd, 1 << 22):
+        chunks.append(chunk)
+    data = b"".join(chunks)
+    after = os.fstat(fd)
+    snapshot = _Snapshot(after.st_size, after.st_mtime_ns, after.st_ino)
+    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+        return None
+    if len(data) != snapshot.size:
+        return None
+    return data, snapshot
+
+
+def _lease_signal() -> int | None:
+    """The signal to ask for when one of our leases is broken, or None if there is none to
+    spare. The kernel signals a lease holder when another process opens the file for
+    writing; the default, SIGIO, would stop the process. A signal whose default action is to
+    ignore it is used instead, one that nothing in this process handles."""
+    for signum in (signal.SIGURG, signal.SIGWINCH):
+        if signal.getsignal(signum) in (signal.SIG_DFL, signal.SIG_IGN):
+            return signum
+    return None

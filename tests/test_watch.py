@@ -2,31 +2,49 @@
 completely written, stored through the same ingest path as the SCP, removed only after they
 are kept, broken input quarantined with a reason, symbolic links never followed.
 
-The test node watches ``node.data / "incoming"`` with stable_seconds 0.5 and poll_seconds 1.
+The test node watches ``node.data / "incoming"`` with stable_seconds 0.5 and poll_seconds 1;
+unfinished_seconds and abandoned_seconds keep their defaults (30 s, 300 s) unless a test sets
+them.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import os
 import shutil
+import signal
 import time
+import zlib
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import pydicom
+import pytest
 import yaml
-from pydicom.data import get_testdata_files
+from pydicom.data import get_testdata_file, get_testdata_files
+from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.fileset import FileSet
+from pydicom.filewriter import write_dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from dicomnode.errors import ConfigError
+from dicomnode.ingest import Ingestor
 from dicomnode.partial import unfinished, unfinished_dataset
+from dicomnode.settings import WatchFolder, load_settings
+from dicomnode.watch import FolderWatcher
+from storage.db import make_engine, upgrade_schema
+from storage.filestore import FileStore
 from tests.conftest import RunningNode, wait_for
 from tests.dicomgen import make_series, write_series
 
 MakeNode = Callable[..., RunningNode]
+# The signals the watcher asks leases to be broken with, when nothing else handles them.
+_LEASE_SIGNALS = (signal.SIGURG, signal.SIGWINCH)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -81,6 +99,48 @@ def series_files(tmp_path: Path, n: int, name: str = "ct", **kw: Any) -> list[Pa
 
 def sop_uid(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def report_cut_between_elements() -> tuple[bytes, int]:
+    """A Basic Text SR file, and where a cut between two top-level elements leaves a
+    prefix that is structurally whole (the last element, a 2 KB Text Value, missing)."""
+    (ds,) = make_series(1, rows=8, columns=8)
+    del ds[0x00280000:0x00290000]
+    del ds.PixelData
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    ds.Modality = "SR"
+    ds.add_new(0x0040A160, "UT", "Findings. " * 200)  # Text Value, the last element
+    fp = BytesIO()
+    ds.save_as(fp, enforce_file_format=True)
+    data = fp.getvalue()
+    cut = len(data) - len(_encoded(ds[0x0040A160:0x0040A161]))
+    assert unfinished(data[:cut]) is None and unfinished(data) is None
+    return data, cut
+
+
+def watching_node(make_node: MakeNode, **watch: Any) -> RunningNode:
+    """A node whose drop folder has these settings on top of the test defaults."""
+    node = make_node(start=False)
+    node.config["watch"][0].update(watch)
+    node.config_path.write_text(yaml.safe_dump(node.config))
+    return node.start()
+
+
+def assert_untouched(node: RunningNode, target: Path) -> None:
+    """The file is still in the drop folder and nothing was stored or quarantined."""
+    assert target.exists(), f"{target.name} was taken from the drop folder before it was whole"
+    assert node.storage_files() == []
+    assert node.quarantined() == []
+
+
+def assert_stored_once(node: RunningNode, data: bytes) -> None:
+    """``data`` is in the store byte for byte, as the only instance, and nothing is in
+    quarantine; the drop folder is empty."""
+    stored = wait_stored(node, 1)
+    assert [p.read_bytes() == data for p in stored.values()] == [True]
+    assert node.quarantined() == []
+    (study,) = node.studies()
+    assert study["instances"] == 1 and study["duplicates"] == 0
 
 
 # --- dropped files ----------------------------------------------------------------------------
@@ -180,20 +240,128 @@ def test_slow_writer_is_taken_only_once_complete(make_node: MakeNode, tmp_path: 
     assert total_instances(node.studies()) == 1
 
 
-def test_file_kept_open_after_writing_is_taken_when_stable(
+def test_writer_paused_before_the_pixel_data_is_waited_for(
     make_node: MakeNode, tmp_path: Path
 ) -> None:
+    """A CT file written through one handle: everything before group 0028 (about 1 KB), a
+    pause past stable_seconds and a rescan, then the 512 KB of pixel data."""
     node = make_node()
+    (src,) = series_files(tmp_path, 1, rows=512, columns=512)
+    data = src.read_bytes()
+    rows = data.index(b"\x28\x00\x10\x00US")  # (0028,0010) Rows, explicit VR little endian
+    assert rows < 2000 and len(data) - rows > 512 * 1024
+    target = incoming(node) / "paused.dcm"
+    with target.open("wb") as out:
+        out.write(data[:rows])
+        out.flush()
+        time.sleep(3)  # the writer pausing, not a wait for the node
+        assert_untouched(node, target)
+        out.write(data[rows:])
+    assert_stored_once(node, data)
+
+
+def test_writer_paused_at_an_element_boundary_is_waited_for_while_it_holds_the_file(
+    make_node: MakeNode, tmp_path: Path
+) -> None:
+    """A structured report cut between two elements looks whole: only its writer still
+    having it open says otherwise (the node sees that through a lease)."""
+    node = make_node()
+    data, cut = report_cut_between_elements()
+    target = incoming(node) / "report.dcm"
+    with target.open("wb") as out:
+        out.write(data[:cut])
+        out.flush()
+        time.sleep(3)  # the writer pausing, not a wait for the node
+        assert_untouched(node, target)
+        out.write(data[cut:])
+    assert_stored_once(node, data)
+    assert "cannot tell whether" not in node.log()
+
+
+def test_without_leases_a_file_seen_written_is_waited_for_until_closed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where leases cannot be taken (here: both spare signals are handled in the process),
+    inotify having seen the file written and not yet closed keeps it waiting."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'index.db'}")
+    upgrade_schema(engine)
+    store = FileStore(tmp_path / "storage")
+    store.prepare()
+    drop = tmp_path / "incoming"
+    settings = WatchFolder(path=drop, stable_seconds=0.5, poll_seconds=1)
+    watcher = FolderWatcher(settings, Ingestor(engine, store))
+    handled = {signum: signal.signal(signum, lambda *_: None) for signum in _LEASE_SIGNALS}
+    try:
+        with caplog.at_level(logging.INFO, logger="dicomnode.watch"):
+            watcher.start()
+        assert "cannot tell whether files in" in caplog.text
+        data, cut = report_cut_between_elements()
+        target = drop / "report.dcm"
+        with target.open("wb") as out:
+            out.write(data[:cut])
+            out.flush()
+            time.sleep(3)  # the writer pausing, not a wait for the watcher
+            assert target.exists() and watcher.stored == watcher.quarantined == 0
+            out.write(data[cut:])
+        wait_for(lambda: watcher.stored == 1 and not target.exists(), what="the report taken")
+        (kept,) = (tmp_path / "storage" / "studies").rglob("*.dcm")
+        assert kept.read_bytes() == data and watcher.quarantined == 0
+    finally:
+        watcher.stop()
+        for signum, handler in handled.items():
+            signal.signal(signum, handler)
+        engine.dispose()
+
+
+def test_writer_appending_through_several_opens_is_taken_once_whole(
+    make_node: MakeNode, tmp_path: Path
+) -> None:
+    """Like ``cat part >> f`` or a resumed transfer: each piece is appended through a new
+    handle, closed in between, the file cut short (or before its pixel data) each time."""
+    node = make_node()
+    (src,) = series_files(tmp_path, 1, rows=256, columns=256)
+    data = src.read_bytes()
+    rows = data.index(b"\x28\x00\x10\x00US")
+    cuts = [0, rows, rows + 1000, len(data) // 2, len(data)]
+    target = incoming(node) / "appended.dcm"
+    for start, end in itertools.pairwise(cuts):
+        with target.open("ab") as out:
+            out.write(data[start:end])
+        if end < len(data):
+            time.sleep(1.5)  # the writer between two pieces, not a wait for the node
+            assert_untouched(node, target)
+    assert_stored_once(node, data)
+
+
+def test_empty_file_replaced_by_a_copy_leaves_no_junk(make_node: MakeNode, tmp_path: Path) -> None:
+    """``touch b.dcm``, then seconds later ``cp`` over it."""
+    node = make_node()
+    (src,) = series_files(tmp_path, 1)
+    target = incoming(node) / "b.dcm"
+    target.touch()
+    time.sleep(2)  # the writer being slow, not a wait for the node
+    assert_untouched(node, target)
+    shutil.copyfile(src, target)
+    assert_stored_once(node, src.read_bytes())
+
+
+def test_file_kept_open_after_writing_is_taken_once_abandoned(
+    make_node: MakeNode, tmp_path: Path
+) -> None:
+    """A whole file its writer keeps open is not taken at stable_seconds (the writer could
+    add more), only once unchanged for abandoned_seconds, with a warning."""
+    node = watching_node(make_node, abandoned_seconds=4)
     (src,) = series_files(tmp_path, 1)
     data = src.read_bytes()
     target = incoming(node) / "held-open.dcm"
     with target.open("wb") as out:
         out.write(data)
         out.flush()
-        # No close event will come while we wait: the size must settle the question.
-        stored = wait_stored(node, 1, timeout=15)
-    assert stored[sop_uid(src)].read_bytes() == data
-    assert node.quarantined() == []
+        time.sleep(2)  # the writer holding on to it, not a wait for the node
+        assert_untouched(node, target)
+        # No close event will come while we wait.
+        assert_stored_once(node, data)
+    assert "held-open.dcm is still open for writing by another process" in node.log()
 
 
 def test_rename_into_place_is_ingested_once_and_temporary_names_left_alone(
@@ -232,7 +400,8 @@ def test_rename_into_place_is_ingested_once_and_temporary_names_left_alone(
 def test_non_dicom_and_truncated_files_are_quarantined_with_a_reason(
     make_node: MakeNode, tmp_path: Path
 ) -> None:
-    node = make_node()
+    # Short or cut files are waited for unfinished_seconds after their writer closed them.
+    node = watching_node(make_node, unfinished_seconds=2)
     (ct,) = series_files(tmp_path, 1)
     data = ct.read_bytes()
     inputs = {
@@ -259,6 +428,7 @@ def test_non_dicom_and_truncated_files_are_quarantined_with_a_reason(
         assert record["source"].startswith("folder "), name
         assert (folder / record["received_at"][:10] / record["file"]).read_bytes() == content
     assert "trunc" in by_name["truncated.dcm"]["reason"].lower()
+    assert "trunc" in by_name["header-only.dcm"]["reason"].lower()
     # Nothing broken made it into the store or the index; the node is still up.
     assert node.storage_files() == []
     assert node.studies() == []
@@ -435,13 +605,33 @@ def test_burst_of_300_files_all_ingested_once(make_node: MakeNode, tmp_path: Pat
     assert node.quarantined() == []
 
 
+def test_waits_default_from_stable_seconds_and_are_never_shorter(tmp_path: Path) -> None:
+    assert WatchFolder(path=tmp_path).unfinished_wait == 30
+    assert WatchFolder(path=tmp_path).abandoned_wait == 300
+    slow = WatchFolder(path=tmp_path, stable_seconds=20)
+    assert (slow.unfinished_wait, slow.abandoned_wait) == (60, 300)
+    path = tmp_path / "dicomnode.yaml"
+    path.write_text(
+        "watch:\n"
+        "  - {path: a, stable_seconds: 5, unfinished_seconds: 2}\n"
+        "  - {path: b, stable_seconds: 5, abandoned_seconds: 4}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    text = str(info.value)
+    assert f"{path}:2: watch[0]:" in text and "unfinished_seconds (2) is shorter than" in text
+    assert f"{path}:3: watch[1]:" in text and "abandoned_seconds (4) is shorter than" in text
+
+
 # --- the completeness check on real files ------------------------------------------------------
 
 
 def test_completeness_check_on_pydicom_test_files() -> None:
     """Every readable file pydicom ships (all transfer syntaxes, sequences, deflate, big
-    endian) is judged whole; the same file cut inside its last element is judged truncated."""
-    checked = checked_bare = 0
+    endian) is judged whole, but for images stripped of their pixel data, which are judged
+    possibly short (not certain); the same file cut inside its last element is judged
+    truncated."""
+    checked = checked_bare = stripped = 0
     for name in get_testdata_files():
         path = Path(name)
         if not path.is_file() or "truncated" in path.name or "no_meta" in path.name:
@@ -455,7 +645,12 @@ def test_completeness_check_on_pydicom_test_files() -> None:
         if "SOPInstanceUID" not in ds:
             continue
         data = path.read_bytes()
-        assert unfinished(data) is None, path.name
+        # Indistinguishable from a writer paused before the pixel data.
+        pixels = {"PixelData", "FloatPixelData", "DoubleFloatPixelData"} & set(ds.dir())
+        image = "Image Storage" in UID(ds.get("SOPClassUID", "")).name and not pixels
+        stripped += image
+        whole = unfinished(data)
+        assert (whole is not None and not whole.certain) if image else whole is None, path.name
         # A deflated file may carry bytes after the end of its deflate stream.
         deflated = "Deflate" in ds.file_meta.TransferSyntaxUID.name
         cut = unfinished(data[: len(data) * 3 // 4 if deflated else -1])
@@ -467,7 +662,8 @@ def test_completeness_check_on_pydicom_test_files() -> None:
             _read_file_meta_info(fp)
             bare = data[fp.tell() :]
             syntax = str(ds.file_meta.TransferSyntaxUID)
-            assert unfinished_dataset(bare, syntax) is None, path.name
+            whole = unfinished_dataset(bare, syntax)
+            assert (whole is not None and not whole.certain) if image else whole is None
             cut = unfinished_dataset(bare[: len(bare) * 3 // 4 if deflated else -1], syntax)
             assert cut is not None and cut.certain, path.name
             cut = unfinished_dataset(b"", syntax)
@@ -476,3 +672,53 @@ def test_completeness_check_on_pydicom_test_files() -> None:
         checked += 1
     assert checked > 100
     assert checked_bare > 100
+    assert 0 < stripped < checked // 2
+
+
+def _encoded(ds: pydicom.Dataset, *, implicit: bool = False) -> bytes:
+    """``ds`` as a bare little endian data set, as C-STORE carries it."""
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, implicit
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+def test_deflate_is_expected_only_where_the_data_set_is_deflated() -> None:
+    """Deflated Image Frame Compression deflates frames, not the data set: a data set cut
+    short under it is truncated like any explicit VR one. JPIP Referenced Deflate (and its
+    HTJ2K variant) deflate the whole data set, like Deflated Explicit VR Little Endian."""
+    (ds,) = make_series(1, rows=16, columns=16)
+    data = _encoded(ds)
+    frames = "1.2.840.10008.1.2.8.1"
+    assert unfinished_dataset(data, frames) is None
+    for cut in (len(data) - 1, len(data) // 2, 200):
+        verdict = unfinished_dataset(data[:cut], frames)
+        assert verdict is not None and verdict.certain, cut
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflated = packer.compress(data) + packer.flush()
+    for syntax in ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95", "1.2.840.10008.1.2.4.205"):
+        assert unfinished_dataset(deflated, syntax) is None, syntax
+        verdict = unfinished_dataset(deflated[: len(deflated) // 2], syntax)
+        assert verdict is not None and verdict.certain, syntax
+
+
+def test_image_cut_anywhere_before_its_pixel_data_is_not_whole() -> None:
+    """A writer paused before group 0028 leaves a file that walks as whole: for an image
+    SOP class (named in the file meta or the data set) that is not taken as finished."""
+    (ds,) = make_series(1, rows=16, columns=16)
+    fp = BytesIO()
+    ds.save_as(fp, enforce_file_format=True)
+    data = fp.getvalue()
+    bare = _encoded(ds)
+    rows = bare.index(b"\x28\x00\x10\x00")  # (0028,0010) Rows, little endian
+    assert unfinished(data) is None and unfinished_dataset(bare, ExplicitVRLittleEndian) is None
+    for prefix in (data[: len(data) - len(bare) + rows], bare[:rows]):
+        verdict = unfinished(prefix)
+        assert verdict is not None and not verdict.certain
+        assert "CT Image Storage instance without pixel data" in verdict.reason
+    # Only the file meta says what it is, the data set is cut before its SOP Class UID.
+    meta_only = data[: len(data) - len(bare) + bare.index(b"\x08\x00\x16\x00")]
+    verdict = unfinished(meta_only)
+    assert verdict is not None and not verdict.certain and "CT Image" in verdict.reason
+    # Not an image: an RT plan has no pixel data, and is whole.
+    assert unfinished(Path(str(get_testdata_file("rtplan.dcm"))).read_bytes()) is None
