@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, selectinload
 from dicomnode.errors import ConfigError, DicomNodeError, IndexMissingError
 from dicomnode.settings import Settings, embedded_settings, load_settings
 from storage.db import index_location, make_engine, missing_index, upgrade_schema
-from storage.models import CompletionEvent, QuarantineRecord, Study
+from storage.models import CompletionEvent, QuarantineRecord, Series, Study
 
 __all__ = ["EXIT", "main"]
 
@@ -408,33 +408,38 @@ def study_rows(session: Session) -> list[dict[str, Any]]:
                     }
                     for ev in st.completions
                 ],
-                "series": [
-                    {
-                        "series_instance_uid": se.series_instance_uid,
-                        "modality": se.modality,
-                        "series_number": se.series_number,
-                        "series_description": se.series_description,
-                        "body_part_examined": se.body_part_examined,
-                        "sop_class_uid": se.sop_class_uid,
-                        "instances": se.instances,
-                        "size_bytes": se.size_bytes,
-                        "source": (
-                            {"result": True}
-                            if se.source_kind == "result"
-                            else {"folder": se.source_folder}
-                            if se.source_kind == "folder"
-                            else {
-                                "calling_ae": se.calling_ae,
-                                "called_ae": se.called_ae,
-                                "peer_address": se.peer_address,
-                            }
-                        ),
-                    }
+                # What was received; the results jobs made (SEG, RTSTRUCT) apart.
+                "series": [_series_row(se) for se in st.series if se.source_kind != "result"],
+                "results": [
+                    {k: v for k, v in _series_row(se).items() if k != "source"}
                     for se in st.series
+                    if se.source_kind == "result"
                 ],
             }
         )
     return out
+
+
+def _series_row(se: Series) -> dict[str, Any]:
+    return {
+        "series_instance_uid": se.series_instance_uid,
+        "modality": se.modality,
+        "series_number": se.series_number,
+        "series_description": se.series_description,
+        "body_part_examined": se.body_part_examined,
+        "sop_class_uid": se.sop_class_uid,
+        "instances": se.instances,
+        "size_bytes": se.size_bytes,
+        "source": (
+            {"folder": se.source_folder}
+            if se.source_kind == "folder"
+            else {
+                "calling_ae": se.calling_ae,
+                "called_ae": se.called_ae,
+                "peer_address": se.peer_address,
+            }
+        ),
+    }
 
 
 def _studies(settings: Settings, as_json: bool) -> int:
@@ -454,12 +459,18 @@ def _studies(settings: Settings, as_json: bool) -> int:
             f"{st['state']} (v{st['version']})  {st['instances']} instances"
         )
         for se in sorted(st["series"], key=_series_order):
-            print(
-                f"    {se['modality'] or '--':<4} #{_text(se['series_number'], '-'):<4} "
-                f"{se['instances']:>5}  {se['series_description'] or ''}  "
-                f"[{se['series_instance_uid']}]  {_series_source(se['source'])}"
-            )
+            _print_series(se, _series_source(se["source"]))
+        for se in sorted(st["results"], key=_series_order):
+            _print_series(se, "result of a job")
     return EXIT["ok"]
+
+
+def _print_series(se: dict[str, Any], where: str) -> None:
+    print(
+        f"    {se['modality'] or '--':<4} #{_text(se['series_number'], '-'):<4} "
+        f"{se['instances']:>5}  {se['series_description'] or ''}  "
+        f"[{se['series_instance_uid']}]  {where}"
+    )
 
 
 def _text(value: Any, empty: str) -> str:
@@ -479,8 +490,6 @@ def _series_order(series: dict[str, Any]) -> tuple[bool, int, str, str]:
 
 def _series_source(source: dict[str, Any]) -> str:
     """Where a series came from, briefly: ``from CT1@10.0.0.5``, ``from folder /srv/in``."""
-    if source.get("result"):
-        return "result of a job"
     if "folder" in source:
         return f"from folder {source['folder']}"
     return f"from {source.get('calling_ae') or '?'}@{source.get('peer_address') or '?'}"

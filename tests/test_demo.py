@@ -30,8 +30,8 @@ def test_demo_brain_extraction_on_an_mr_head(make_node, tmp_path: Path) -> None:
     job = wait_for(done, 240, what="the brain-extraction job")[0]
     assert job["state"] == "succeeded", job["error"]
     study = node.studies()[0]
-    results = [s for s in study["series"] if s["source"].get("result")]
-    assert sorted(s["modality"] for s in results) == ["RTSTRUCT", "SEG"]
+    assert sorted(s["modality"] for s in study["results"]) == ["RTSTRUCT", "SEG"]
+    assert all(s["modality"] == "MR" for s in study["series"])  # only what was received
 
     seg_path = next(
         p

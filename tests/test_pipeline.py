@@ -135,8 +135,9 @@ def test_model_results_reach_storescp_and_orthanc(make_node, tmp_path: Path) -> 
         jobs = json.loads(node.cli("jobs", "--json").stdout)
         assert [(j["rule"], j["state"]) for j in jobs] == [("phantom", "succeeded")]
         study = node.studies()[0]
-        kinds = sorted(s["source"].get("result", False) for s in study["series"])
-        assert kinds == [False, True, True]
+        assert len(study["series"]) == 1  # what was received
+        assert sorted(r["modality"] for r in study["results"]) == ["RTSTRUCT", "SEG"]
+        assert study["instances"] == study["series"][0]["instances"]
     finally:
         dest.stop()
         pacs.stop()
