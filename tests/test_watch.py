@@ -126,6 +126,17 @@ def watching_node(make_node: MakeNode, **watch: Any) -> RunningNode:
     return node.start()
 
 
+def write_with_a_pause(node: RunningNode, target: Path, data: bytes, cut: int) -> None:
+    """Write ``data`` through one handle, pausing 3 s (past stable_seconds) after ``cut``
+    bytes; the node must leave the file alone meanwhile."""
+    with target.open("wb") as out:
+        out.write(data[:cut])
+        out.flush()
+        time.sleep(3)  # the writer pausing, not a wait for the node
+        assert_untouched(node, target)
+        out.write(data[cut:])
+
+
 def assert_untouched(node: RunningNode, target: Path) -> None:
     """The file is still in the drop folder and nothing was stored or quarantined."""
     assert target.exists(), f"{target.name} was taken from the drop folder before it was whole"
@@ -250,13 +261,7 @@ def test_writer_paused_before_the_pixel_data_is_waited_for(
     data = src.read_bytes()
     rows = data.index(b"\x28\x00\x10\x00US")  # (0028,0010) Rows, explicit VR little endian
     assert rows < 2000 and len(data) - rows > 512 * 1024
-    target = incoming(node) / "paused.dcm"
-    with target.open("wb") as out:
-        out.write(data[:rows])
-        out.flush()
-        time.sleep(3)  # the writer pausing, not a wait for the node
-        assert_untouched(node, target)
-        out.write(data[rows:])
+    write_with_a_pause(node, incoming(node) / "paused.dcm", data, rows)
     assert_stored_once(node, data)
 
 
@@ -267,13 +272,7 @@ def test_writer_paused_at_an_element_boundary_is_waited_for_while_it_holds_the_f
     having it open says otherwise (the node sees that through a lease)."""
     node = make_node()
     data, cut = report_cut_between_elements()
-    target = incoming(node) / "report.dcm"
-    with target.open("wb") as out:
-        out.write(data[:cut])
-        out.flush()
-        time.sleep(3)  # the writer pausing, not a wait for the node
-        assert_untouched(node, target)
-        out.write(data[cut:])
+    write_with_a_pause(node, incoming(node) / "report.dcm", data, cut)
     assert_stored_once(node, data)
     assert "cannot tell whether" not in node.log()
 
