@@ -37,13 +37,14 @@ pinned to 3.0.x in pyproject.toml; a new minor version must be checked against t
 from __future__ import annotations
 
 import logging
+import mmap
 import queue
 import select
 import socket
 import ssl
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
 from pynetdicom import evt
@@ -52,7 +53,16 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket
 
-__all__ = ["WAIT", "StoreCallback", "c_echo_rsp_pdu", "c_store_rsp_pdu", "install"]
+from storage.filestore import ALIGNMENT, FileImage
+
+__all__ = [
+    "WAIT",
+    "PrefixCallback",
+    "StoreCallback",
+    "c_echo_rsp_pdu",
+    "c_store_rsp_pdu",
+    "install",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +85,15 @@ _C_ECHO_RQ = 0x0030
 _NO_DATA_SET = 0x0101
 _HANDLER_FAILED = 0xC211  # pynetdicom's status for an exception in the C-STORE handler
 
-StoreCallback = Callable[[Any, str, str, str, bytes | memoryview], "int | tuple[int, str]"]
-"""``store(assoc, transfer_syntax, sop_class_uid, sop_instance_uid, dataset) -> status``, or
-``(status, error comment)`` to tell the sender why an instance was refused."""
+StoreCallback = Callable[
+    [Any, str, str, str, bytes | memoryview, FileImage | None], "int | tuple[int, str]"
+]
+"""``store(assoc, transfer_syntax, sop_class_uid, sop_instance_uid, dataset, image) ->
+status``, or ``(status, error comment)`` to tell the sender why an instance was refused;
+``image`` is the file to store (prefix and data set) in one aligned buffer, when served here."""
+PrefixCallback = Callable[[Any, str, str, str], bytes]
+"""``prefix(assoc, transfer_syntax, sop_class_uid, sop_instance_uid) -> bytes`` to place in
+front of the data set in the receive buffer (the stored file's preamble and file meta)."""
 
 
 def _ui(element: int, uid: str) -> bytes:
@@ -258,24 +274,53 @@ class _Socket(AssociationSocket):
         return received
 
 
+class _Buffer:
+    """The receive buffer of one association: page-aligned (an anonymous mmap), reused for
+    each data set and grown when one is larger, so that a stored file can be written from it
+    with O_DIRECT (see storage.filestore.FileImage)."""
+
+    def __init__(self) -> None:
+        self._map = mmap.mmap(-1, ALIGNMENT)
+        self.view = memoryview(self._map)
+
+    def ensure(self, size: int, keep: int) -> None:
+        """Room for ``size`` bytes (rounded up to whole pages), keeping the first ``keep``."""
+        if size <= len(self.view):
+            return
+        grown = mmap.mmap(-1, -(-max(size, 2 * len(self.view)) // ALIGNMENT) * ALIGNMENT)
+        grown[:keep] = self.view[:keep]
+        self.view.release()
+        self._map = grown
+        self.view = memoryview(grown)
+
+
 @dataclass
 class _Request:
-    """A C-STORE request whose data set is still arriving, gathered in one buffer."""
+    """A C-STORE request whose data set is still arriving, gathered in the association's
+    buffer behind ``prefix`` bytes (the stored file's preamble and file meta)."""
 
     context_id: int
     message_id: int
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax: str
-    buffer: bytearray = field(default_factory=bytearray)
+    buffer: _Buffer | None = None
+    prefix: int = 0
     size: int = 0
+
+    def start(self, buffer: _Buffer, prefix: bytes, capacity: int) -> None:
+        """Gather the data set in ``buffer``, behind ``prefix``, with room for ``capacity``."""
+        self.buffer = buffer
+        self.prefix = len(prefix)
+        buffer.ensure(self.prefix + capacity, 0)
+        buffer.view[: self.prefix] = prefix
 
     def room(self, n: int) -> memoryview:
         """The next ``n`` bytes of the buffer (grown as needed), for a fragment to go."""
-        end = self.size + n
-        if end > len(self.buffer):
-            self.buffer.extend(bytes(max(end, 2 * len(self.buffer)) - len(self.buffer)))
-        return memoryview(self.buffer)[self.size : end]
+        assert self.buffer is not None
+        start = self.prefix + self.size
+        self.buffer.ensure(start + n, start)
+        return self.buffer.view[start : start + n]
 
     def add(self, data: memoryview) -> None:
         with self.room(len(data)) as room:
@@ -283,7 +328,16 @@ class _Request:
         self.size += len(data)
 
     def data_set(self) -> memoryview:
-        return memoryview(self.buffer)[: self.size]
+        assert self.buffer is not None
+        return self.buffer.view[self.prefix : self.prefix + self.size]
+
+    def image(self) -> FileImage:
+        """Prefix and data set: the stored file's bytes, page-aligned."""
+        assert self.buffer is not None
+        length = self.prefix + self.size
+        padded = -(-length // ALIGNMENT) * ALIGNMENT
+        self.buffer.ensure(padded, length)
+        return FileImage(self.buffer.view[:padded], length)
 
 
 @dataclass(frozen=True)
@@ -342,6 +396,8 @@ class _DUL(DULServiceProvider):
     itself while the association is established (see the module doc)."""
 
     _store: StoreCallback | None = None
+    _prefix: PrefixCallback | None = None
+    _buffer: _Buffer | None = None  # made for the first data set
     _pynetdicom_serves = False  # a message went to pynetdicom: it serves the rest
     _request: _Request | None = None
     _transfer_syntaxes: dict[int, str] | None = None
@@ -540,7 +596,17 @@ class _DUL(DULServiceProvider):
                     c_echo_rsp_pdu(parsed.context_id, parsed.message_id, parsed.sop_class_uid, 0)
                 )
             else:
-                parsed.buffer = bytearray(self._capacity)
+                if self._buffer is None:
+                    self._buffer = _Buffer()
+                prefix = b""
+                if self._prefix is not None:
+                    prefix = self._prefix(
+                        self.assoc,
+                        parsed.transfer_syntax,
+                        parsed.sop_class_uid,
+                        parsed.sop_instance_uid,
+                    )
+                parsed.start(self._buffer, prefix, self._capacity)
                 self._request = parsed
             return
         if request is None:
@@ -564,6 +630,7 @@ class _DUL(DULServiceProvider):
                 request.sop_class_uid,
                 request.sop_instance_uid,
                 dataset,
+                request.image(),
             )
         except Exception:
             logger.exception("C-STORE %s: the store callback failed", request.sop_instance_uid)
@@ -589,14 +656,18 @@ class _DUL(DULServiceProvider):
         sock.send(pdu)
 
 
-def install(assoc: Any, store: StoreCallback | None = None) -> None:
+def install(
+    assoc: Any, store: StoreCallback | None = None, prefix: PrefixCallback | None = None
+) -> None:
     """Switch a newly created acceptor association to the faster paths (see module doc);
-    with ``store`` its connection thread serves C-STORE and C-ECHO requests itself."""
+    with ``store`` its connection thread serves C-STORE and C-ECHO requests itself, gathering
+    each data set behind what ``prefix`` returns for it."""
     if type(assoc.dimse) is DIMSEServiceProvider:
         assoc.dimse.__class__ = _DIMSE
     if store is not None and type(assoc.dul) is DULServiceProvider:
         assoc.dul.__class__ = _DUL
         cast(_DUL, assoc.dul)._store = store
+        cast(_DUL, assoc.dul)._prefix = prefix
         if type(assoc.dul.to_user_queue) is queue.Queue:
             assoc.dul.to_user_queue.__class__ = _WakingQueue
             cast(_WakingQueue, assoc.dul.to_user_queue).wakes = assoc.dimse.msg_queue

@@ -37,7 +37,7 @@ from dicomnode.headerscan import KNOWN_VRS, HeaderScanner, NotHandled
 from dicomnode.partial import unfinished_dataset
 from dicomnode.resend import DEFLATED_TRANSFER_SYNTAXES, conflict
 from storage.db import sqlite_pragmas, utcnow
-from storage.filestore import FileStore
+from storage.filestore import FileImage, FileStore
 from storage.models import Instance, QuarantineRecord, Series, Study, StudyState
 
 __all__ = [
@@ -564,9 +564,13 @@ class Ingestor:
         sop_class_uid: str,
         sop_instance_uid: str,
         source: Source,
+        image: FileImage | None = None,
     ) -> IngestResult:
         """Ingest a dataset received by C-STORE (no file meta; encoded in ``transfer_syntax``).
 
+        ``image``, if given, holds the file to store (its file meta, then ``dataset``) in an
+        aligned buffer; it is written as it is when its file meta is the one this instance
+        gets (see FileStore.put_image), else the file is put together from its parts.
         Raises QuarantinedError when the dataset is unusable, StorageError when it could
         not be kept (disk, database).
         """
@@ -598,7 +602,11 @@ class Ingestor:
         meta = file_meta_bytes(
             header.sop_class, header.sop_uid, transfer_syntax, source.calling_ae or ""
         )
-        return self._store(header, transfer_syntax, (meta, dataset), source)
+        if image is not None and (
+            image.length != len(meta) + len(dataset) or image.view[: len(meta)] != meta
+        ):
+            image = None
+        return self._store(header, transfer_syntax, (meta, dataset), source, image=image)
 
     def ingest_file(self, path: Path, source: Source, data: bytes | None = None) -> IngestResult:
         """Ingest a DICOM Part 10 file (or a bare dataset) from disk, stored as it is.
@@ -700,8 +708,11 @@ class Ingestor:
         chunks: tuple[bytes | memoryview, ...],
         source: Source,
         original: str | None = None,
+        image: FileImage | None = None,
     ) -> IngestResult:
-        """Store and index one instance; ``original`` is the dropped file's path, if any."""
+        """Store and index one instance: ``chunks`` make the file, ``image`` holds the same
+        bytes in an aligned buffer if the receive path gathered them so; ``original`` is the
+        dropped file's path, if any."""
         relative = self.store.relative_path(header.study_uid, header.series_uid, header.sop_uid)
         try:
             # An indexed instance always has its file, so where there is none (the usual
@@ -711,7 +722,10 @@ class Ingestor:
                 if indexed is not None:
                     return self._resent(header, transfer_syntax, chunks, source, indexed, original)
             self._check_patient(header, chunks, source, original)
-            size = self.store.put(relative, chunks)
+            if image is not None:
+                size = self.store.put_image(relative, image)
+            else:
+                size = self.store.put(relative, chunks)
             try:
                 self._index(header, transfer_syntax, relative, size, source)
             except IntegrityError:

@@ -24,8 +24,9 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dicomnode import _pynetdicom_fast
 from dicomnode.errors import QuarantinedError, StorageError
-from dicomnode.ingest import Ingestor, Source
+from dicomnode.ingest import Ingestor, Source, file_meta_bytes
 from dicomnode.settings import NodeSettings
+from storage.filestore import FileImage
 
 __all__ = ["STATUS", "AssociationLoad", "AssociationStats", "StoreSCP", "listening_socket"]
 
@@ -168,7 +169,7 @@ class _Handler(RequestHandler):
     def _create_association(self) -> Any:
         assoc = super()._create_association()
         scp: StoreSCP = cast(Any, self.server).dicomnode_scp
-        _pynetdicom_fast.install(assoc, scp.store)
+        _pynetdicom_fast.install(assoc, scp.store, scp.file_prefix)
         peer = str(self.client_address[0])
         acse = assoc.acse
         negotiate = acse._negotiate_as_acceptor
@@ -352,12 +353,22 @@ class StoreSCP:
             str(req.AffectedSOPClassUID),
             str(req.AffectedSOPInstanceUID),
             req.DataSet.getbuffer(),
+            None,
         )
         if isinstance(answer, int):
             return answer
         status = Dataset()
         status.Status, status.ErrorComment = answer
         return status
+
+    def file_prefix(
+        self, assoc: Any, transfer_syntax: str, sop_class_uid: str, sop_instance_uid: str
+    ) -> bytes:
+        """The stored file's preamble and file meta for a data set about to be received (the
+        file is written from the receive buffer as it is, when the data set matches)."""
+        stats = self._stats.get(id(assoc))
+        calling = stats.calling_ae if stats else ""
+        return file_meta_bytes(sop_class_uid, sop_instance_uid, transfer_syntax, calling)
 
     def store(
         self,
@@ -366,9 +377,12 @@ class StoreSCP:
         sop_class_uid: str,
         sop_instance_uid: str,
         dataset: bytes | memoryview,
+        image: FileImage | None,
     ) -> int | tuple[int, str]:
         """Ingest one received data set; the C-STORE status to answer with, and for a refused
-        instance an Error Comment saying why (the whole reason is in the quarantine)."""
+        instance an Error Comment saying why (the whole reason is in the quarantine).
+        ``image`` is the file to store, when the data set was received behind
+        :meth:`file_prefix` in one aligned buffer."""
         stats = self._stats.get(id(assoc))
         try:
             source = Source(
@@ -378,7 +392,7 @@ class StoreSCP:
                 peer_address=str(assoc.requestor.address),
             )
             result = self.ingestor.ingest_network(
-                dataset, transfer_syntax, sop_class_uid, sop_instance_uid, source
+                dataset, transfer_syntax, sop_class_uid, sop_instance_uid, source, image
             )
         except QuarantinedError as exc:
             status = _QUARANTINE_STATUS.get(exc.kind, STATUS["cannot_understand"])

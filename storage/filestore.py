@@ -1,5 +1,12 @@
 """The durable file store: temporary name, fsync, rename, fsync of the folder.
 
+A file whose bytes lie in a page-aligned buffer (:class:`FileImage`, as the C-STORE receive
+path fills them) is written with ``O_DIRECT``: the bytes go from that buffer to the disk
+without being copied into the page cache. Copying them there, allocating the cache pages and
+writing them back again cost most of the CPU of storing an instance (on a virtual machine
+several times what the copy costs on bare metal). Where ``O_DIRECT`` is not supported (tmpfs,
+some network file systems) the store writes through the page cache as usual.
+
 Layout under the storage root::
 
     studies/<study uid>/<series uid>/<sop instance uid>.dcm
@@ -10,17 +17,49 @@ Layout under the storage root::
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import threading
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-__all__ = ["FileStore", "sanitize_uid"]
+__all__ = ["ALIGNMENT", "FileImage", "FileStore", "sanitize_uid"]
+
+logger = logging.getLogger(__name__)
+
+ALIGNMENT = 4096
+"""Bytes to which ``O_DIRECT`` buffers, lengths and offsets are aligned (a page; any disk's
+logical block size divides it)."""
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+@dataclass(frozen=True)
+class FileImage:
+    """A whole file's bytes, ``view[:length]``, in a buffer that starts on an ``ALIGNMENT``
+    boundary and whose length is a multiple of it (what follows ``length`` is padding)."""
+
+    view: memoryview
+    length: int
+
+    def usable(self) -> bool:
+        """The buffer meets O_DIRECT's alignment (a writable buffer whose address is known)."""
+        view = self.view
+        if view.readonly or len(view) % ALIGNMENT or len(view) < self.length:
+            return False
+        try:
+            address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+        except (TypeError, ValueError):
+            return False
+        return address % ALIGNMENT == 0
+
 
 _SAFE_UID = re.compile(r"^[0-9][0-9.]{0,63}$")
 
@@ -50,6 +89,7 @@ class FileStore:
         self._known_dirs: set[str] = set()
         self._dir_syncs: dict[str, _DirSync] = {}
         self._dir_syncs_lock = threading.Lock()
+        self._direct = bool(_O_DIRECT)  # until the file system refuses it
 
     def prepare(self) -> None:
         """Create the folders and drop partial writes left by a crash (never acknowledged)."""
@@ -89,6 +129,22 @@ class FileStore:
             raise
         return size
 
+    def put_image(self, relative: str, image: FileImage) -> int:
+        """Store a file image durably under ``relative``, like :meth:`put`, written with
+        O_DIRECT where the file system allows it; returns the bytes stored."""
+        if not (self._direct and image.usable()):
+            return self.put(relative, (image.view[: image.length],))
+        try:
+            tmp = self._write_direct(image)
+        except _DirectRefused:
+            return self.put(relative, (image.view[: image.length],))
+        try:
+            self._commit_temp(tmp, relative)
+        except BaseException:
+            _unlink(tmp)
+            raise
+        return image.length
+
     def write_temp(self, chunks: Iterable[bytes | memoryview]) -> tuple[Path, int]:
         """Write chunks to a new temporary file and fsync it; returns (path, size in bytes)."""
         tmp, size = self._write_temp(chunks)
@@ -120,6 +176,45 @@ class FileStore:
             raise
         os.close(fd)
         return tmp, size
+
+    def _write_direct(self, image: FileImage) -> str:
+        """Write an image to a new temporary file with O_DIRECT (the padded, aligned buffer,
+        then the file cut to its length) and fsync it; raises _DirectRefused (and stops using
+        O_DIRECT) when the file system does not support it."""
+        tmp = f"{self._tmp}/{uuid.uuid4().hex}.part"
+        padded = -(-image.length // ALIGNMENT) * ALIGNMENT
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_DIRECT, 0o640)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._refuse_direct(exc)
+        try:
+            view = image.view[:padded]
+            written = 0
+            while written < padded:
+                written += os.write(fd, view[written:])
+            os.ftruncate(fd, image.length)
+            if self.fsync:
+                os.fsync(fd)
+        except BaseException as exc:
+            os.close(fd)
+            _unlink(tmp)
+            if isinstance(exc, OSError) and exc.errno == errno.EINVAL:
+                self._refuse_direct(exc)
+            raise
+        os.close(fd)
+        return tmp
+
+    def _refuse_direct(self, exc: OSError) -> NoReturn:
+        if self._direct:
+            self._direct = False
+            logger.info(
+                "%s does not take O_DIRECT writes (%s); writing through the page cache",
+                self.root,
+                exc.strerror,
+            )
+        raise _DirectRefused from exc
 
     def _commit_temp(self, tmp: str, relative: str) -> str:
         final = f"{self._root}/{relative}"
@@ -207,6 +302,10 @@ class _DirSync:
                     self._running = False
                     self._cond.notify_all()
                 self._done = max(self._done, covers)
+
+
+class _DirectRefused(Exception):
+    """The file system refused an O_DIRECT open or write."""
 
 
 def _unlink(path: str) -> None:
