@@ -11,6 +11,7 @@ import sqlite3
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pydicom.config
@@ -564,3 +565,44 @@ def test_deflated_data_sets_are_indexed(ingestor: Ingestor, ts: str) -> None:
     assert stored.endswith(body)
     with ingestor.engine.connect() as conn:
         assert conn.execute(select(Study.patient_id)).scalar_one() == "DEFLATE01"
+
+
+def test_a_received_file_image_is_stored_from_its_buffer(
+    ingestor: Ingestor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The receive path gathers file meta and data set in one aligned buffer: that image is
+    what is written (not the parts joined again), and the file is what the parts make. An
+    image whose file meta is not the instance's is not used."""
+    from dicomnode import _pynetdicom_fast
+    from dicomnode.ingest import file_meta_bytes
+
+    written: list[str] = []
+    put_image = ingestor.store.put_image
+
+    def recorded(relative: str, image: Any) -> int:
+        written.append(relative)
+        return put_image(relative, image)
+
+    monkeypatch.setattr(ingestor.store, "put_image", recorded)
+    first, second = make_series(2, patient_id="IMAGE01")
+    for ds, calling in ((first, "MODALITY"), (second, "SOMEONE")):
+        body = encoded(ds)
+        request = _pynetdicom_fast._Request(
+            1, 1, ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian
+        )
+        meta = file_meta_bytes(ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian, calling)
+        request.start(_pynetdicom_fast._Buffer(), meta, len(body))
+        request.add(memoryview(body))
+        result = ingestor.ingest_network(
+            request.data_set(),
+            ExplicitVRLittleEndian,
+            ds.SOPClassUID,
+            ds.SOPInstanceUID,
+            SCU,
+            request.image(),
+        )
+        expected = file_meta_bytes(
+            ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian, "MODALITY"
+        )
+        assert ingestor.store.absolute(result.path).read_bytes() == expected + body
+    assert len(written) == 1  # the second image's meta names another calling AE
