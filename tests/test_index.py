@@ -381,13 +381,16 @@ def test_instances_of_a_known_series_are_indexed_like_the_first(ingestor: Ingest
     finally:
         db.close()
     stamp = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}$")
-    varying = {"id", "sop_instance_uid", "instance_number", "path", "received_at"}
+    # The size varies with the lengths of the generated UIDs: checked against the files.
+    varying = {"id", "sop_instance_uid", "instance_number", "path", "received_at", "size_bytes"}
     first = {k: v for k, v in rows[0].items() if k not in varying}
     for row in rows:
         assert stamp.match(row["received_at"]), row["received_at"]
         assert {k: v for k, v in row.items() if k not in varying} == first
         assert {k: type(v) for k, v in row.items()} == {k: type(v) for k, v in rows[0].items()}
     assert [r["instance_number"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert row["size_bytes"] == ingestor.store.absolute(row["path"]).stat().st_size
     assert (study["instances"], series_row["instances"]) == (3, 3)
     assert study["size_bytes"] == series_row["size_bytes"] == sum(r["size_bytes"] for r in rows)
     assert stamp.match(study["last_received_at"]) and stamp.match(series_row["last_received_at"])
