@@ -53,7 +53,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket
 
-from storage.filestore import ALIGNMENT, FileImage
+from storage.filestore import ALIGNMENT, FileImage, aligned
 
 __all__ = [
     "WAIT",
@@ -287,7 +287,7 @@ class _Buffer:
         """Room for ``size`` bytes (rounded up to whole pages), keeping the first ``keep``."""
         if size <= len(self.view):
             return
-        grown = mmap.mmap(-1, -(-max(size, 2 * len(self.view)) // ALIGNMENT) * ALIGNMENT)
+        grown = mmap.mmap(-1, aligned(max(size, 2 * len(self.view))))
         grown[:keep] = self.view[:keep]
         self.view.release()
         self._map = grown
@@ -332,12 +332,11 @@ class _Request:
         return self.buffer.view[self.prefix : self.prefix + self.size]
 
     def image(self) -> FileImage:
-        """Prefix and data set: the stored file's bytes, page-aligned."""
+        """Prefix and data set: the stored file's bytes, page-aligned (the buffer is always
+        whole pages, so the padding is there already)."""
         assert self.buffer is not None
         length = self.prefix + self.size
-        padded = -(-length // ALIGNMENT) * ALIGNMENT
-        self.buffer.ensure(padded, length)
-        return FileImage(self.buffer.view[:padded], length)
+        return FileImage(self.buffer.view[: aligned(length)], length)
 
 
 @dataclass(frozen=True)

@@ -548,7 +548,6 @@ class Ingestor:
         self.store = store
         self.log_identifiers = log_identifiers
         self._dialect = engine.dialect.name
-        # (study UID, series UID) -> (study pk, series pk) of rows this process indexed into.
         # (study UID, series UID) -> (study pk, series pk, the study's patient ID) of rows
         # this process indexed into.
         self._known: dict[tuple[str, str], tuple[int, int, str | None]] = {}
@@ -720,8 +719,9 @@ class Ingestor:
             if self.store.exists(relative):
                 indexed = self._indexed(header.sop_uid)
                 if indexed is not None:
-                    return self._resent(header, transfer_syntax, chunks, source, indexed, original)
-            self._check_patient(header, chunks, source, original)
+                    return self._resent(
+                        header, transfer_syntax, chunks, source, indexed, relative, original
+                    )
             if image is not None:
                 size = self.store.put_image(relative, image)
             else:
@@ -737,7 +737,9 @@ class Ingestor:
                     raise
                 if indexed.path != relative:
                     self.store.absolute(relative).unlink(missing_ok=True)
-                return self._resent(header, transfer_syntax, chunks, source, indexed, original)
+                return self._resent(
+                    header, transfer_syntax, chunks, source, indexed, relative, original
+                )
             except _PatientConflict as exc:
                 self.store.absolute(relative).unlink(missing_ok=True)
                 raise self._conflict(
@@ -761,17 +763,18 @@ class Ingestor:
         chunks: tuple[bytes | memoryview, ...],
         source: Source,
         indexed: Any,
+        relative: str,
         original: str | None,
     ) -> IngestResult:
-        """An indexed SOP Instance UID came again: counted as a duplicate when it is the same
-        instance, quarantined as a conflict when it is other content (see dicomnode.resend)."""
-        relative = self.store.relative_path(header.study_uid, header.series_uid, header.sop_uid)
+        """An indexed SOP Instance UID came again (its copy would be stored at ``relative``):
+        counted as a duplicate when it is the same instance, quarantined as a conflict when
+        it is other content (see dicomnode.resend)."""
         try:
             stored = self.store.absolute(str(indexed.path)).read_bytes()
         except FileNotFoundError:
-            stored = None  # removed by hand: nothing to compare with; count it
+            stored = b""  # removed by hand: nothing to compare with; count it
         why = None
-        if stored is not None:
+        if stored:
             why = conflict(
                 stored,
                 str(indexed.transfer_syntax_uid),
@@ -780,7 +783,7 @@ class Ingestor:
                 same_place=str(indexed.path) == relative,
             )
         if why is not None:
-            differs = _differences(stored or b"", header)
+            differs = _differences(stored, header)
             reason = (
                 f"SOP Instance UID {header.sop_uid} is stored already with other content: "
                 f"{why}{f' ({differs})' if differs else ''}; the copy stored first is kept"
@@ -808,32 +811,21 @@ class Ingestor:
         error.kind = kind
         return error
 
-    def _check_patient(
-        self,
-        header: _Header,
-        chunks: tuple[bytes | memoryview, ...],
-        source: Source,
-        original: str | None,
-    ) -> None:
-        """Refuse an instance of a known study that names another patient (the index keeps
-        one patient per study; merging two would send results to the wrong one)."""
-        known = self._known.get((header.study_uid, header.series_uid))
-        if known is not None:
-            why = _patient_conflict(known[2], header)
-            if why is not None:
-                raise self._conflict(chunks, why, source, header, original, "other_patient")
-
     def _index_known(
         self, header: _Header, instance: dict[str, Any], size: int, now: datetime
     ) -> bool:
         """Index an instance of a series this process indexed into before, in three statements
         (the study and series rows exist). False when they no longer take it: the study
-        completed meanwhile (it must be re-opened as a new version) or the rows are gone."""
+        completed meanwhile (it must be re-opened as a new version) or the rows are gone.
+        Raises _PatientConflict, as the full path does, for an instance of another patient."""
         key = (header.study_uid, header.series_uid)
         pks = self._known.get(key)
         if pks is None:
             return False
-        study_pk, series_pk, _ = pks
+        study_pk, series_pk, patient = pks
+        why = _patient_conflict(patient, header)
+        if why is not None:
+            raise _PatientConflict(why)
         try:
             with self._hot_transaction() as run:
                 version, _ = run(

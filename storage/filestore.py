@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-__all__ = ["ALIGNMENT", "FileImage", "FileStore", "sanitize_uid"]
+__all__ = ["ALIGNMENT", "FileImage", "FileStore", "aligned", "sanitize_uid"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,11 @@ ALIGNMENT = 4096
 """Bytes to which ``O_DIRECT`` buffers, lengths and offsets are aligned (a page; any disk's
 logical block size divides it)."""
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+def aligned(size: int) -> int:
+    """``size`` rounded up to a multiple of ALIGNMENT."""
+    return -(-size // ALIGNMENT) * ALIGNMENT
 
 
 @dataclass(frozen=True)
@@ -122,11 +127,7 @@ class FileStore:
         """Store chunks durably under ``relative`` (temporary file, fsync, rename, fsync of the
         folder), replacing an unindexed leftover; returns the bytes written."""
         tmp, size = self._write_temp(chunks)
-        try:
-            self._commit_temp(tmp, relative)
-        except BaseException:
-            _unlink(tmp)
-            raise
+        self._commit_or_remove(tmp, relative)
         return size
 
     def put_image(self, relative: str, image: FileImage) -> int:
@@ -138,11 +139,7 @@ class FileStore:
             tmp = self._write_direct(image)
         except _DirectRefused:
             return self.put(relative, (image.view[: image.length],))
-        try:
-            self._commit_temp(tmp, relative)
-        except BaseException:
-            _unlink(tmp)
-            raise
+        self._commit_or_remove(tmp, relative)
         return image.length
 
     def write_temp(self, chunks: Iterable[bytes | memoryview]) -> tuple[Path, int]:
@@ -182,7 +179,7 @@ class FileStore:
         then the file cut to its length) and fsync it; raises _DirectRefused (and stops using
         O_DIRECT) when the file system does not support it."""
         tmp = f"{self._tmp}/{uuid.uuid4().hex}.part"
-        padded = -(-image.length // ALIGNMENT) * ALIGNMENT
+        padded = aligned(image.length)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_DIRECT, 0o640)
         except OSError as exc:
@@ -215,6 +212,13 @@ class FileStore:
                 exc.strerror,
             )
         raise _DirectRefused from exc
+
+    def _commit_or_remove(self, tmp: str, relative: str) -> None:
+        try:
+            self._commit_temp(tmp, relative)
+        except BaseException:
+            _unlink(tmp)
+            raise
 
     def _commit_temp(self, tmp: str, relative: str) -> str:
         final = f"{self._root}/{relative}"

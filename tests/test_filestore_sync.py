@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from storage import filestore
-from storage.filestore import ALIGNMENT, FileImage, FileStore
+from storage.filestore import ALIGNMENT, FileImage, FileStore, aligned
 
 
 def test_concurrent_commits_share_folder_fsyncs(
@@ -85,7 +85,7 @@ def test_commit_temp_fsyncs_the_folder(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def _image(data: bytes) -> tuple[mmap.mmap, FileImage]:
-    buffer = mmap.mmap(-1, -(-len(data) // ALIGNMENT) * ALIGNMENT)
+    buffer = mmap.mmap(-1, aligned(len(data)))
     buffer[: len(data)] = data
     return buffer, FileImage(memoryview(buffer), len(data))
 
